@@ -1,0 +1,1 @@
+"""Streaming input for training: shards to batches."""
