@@ -1,0 +1,222 @@
+"""The `medscale` command: prep, train, eval, inspect, demo.
+
+Configs are resolved and checked here, before any worker or rank is started, so a typo or a
+bad value fails in a second with a message naming the key instead of minutes into a job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from medscale.config import ConfigError, PrepConfig, RunConfig, load_config
+
+__all__ = ["main"]
+
+log = logging.getLogger("medscale")
+
+
+def _split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate `key=value` overrides from positional paths (a path may exist and contain '=')."""
+    paths, overrides = [], []
+    for item in items:
+        (overrides if "=" in item and not Path(item).exists() else paths).append(item)
+    return paths, overrides
+
+
+# ---------------------------------------------------------------------------------------------
+# prep
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_prep(args: argparse.Namespace) -> int:
+    from medscale.prep.deid import load_pseudonym_key
+    from medscale.prep.pipeline import PrepJob, merge, prepare_output, run_prep
+    from medscale.report import print_manifest_summary
+
+    out = Path(args.out)
+    if args.merge:
+        print_manifest_summary(merge(out))
+        return 0
+    inputs, overrides = _split_overrides(args.inputs)
+    if not inputs:
+        raise ConfigError("medscale prep needs at least one INPUT (directory, file, or .txt file list)")
+    cfg = load_config(PrepConfig, args.recipe, overrides)
+    labels = args.labels or (str(_recipe_relative(args.recipe, cfg.labels_csv)) if cfg.labels_csv else None)
+    if not 0 <= args.task_index < args.num_tasks:
+        raise ConfigError(f"--task-index {args.task_index} must be in [0, --num-tasks {args.num_tasks})")
+    key = load_pseudonym_key(args.key_file, allow_random=args.random_key)
+    # Array tasks share one output directory: each resumes what is there.
+    prepare_output(out, resume=args.resume or args.num_tasks > 1, overwrite=args.overwrite)
+    job = PrepJob(inputs=inputs, out=out, cfg=cfg, key=key, labels_csv=labels, workers=args.workers,
+                  task_index=args.task_index, num_tasks=args.num_tasks, chunk_files=args.chunk_files)
+    t0 = time.perf_counter()
+    manifest = run_prep(job)
+    if manifest is None:
+        print(f"task {args.task_index}/{args.num_tasks} done in {time.perf_counter() - t0:.1f}s; "
+              f"run `medscale prep --merge --out {out}` when all tasks are done")
+    else:
+        print_manifest_summary(manifest, seconds=time.perf_counter() - t0)
+    return 0
+
+
+def _recipe_relative(recipe: str | None, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or recipe is None else Path(recipe).parent / p
+
+
+# ---------------------------------------------------------------------------------------------
+# train / eval
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    from medscale.dist import launched, relaunch
+
+    if not launched() and cfg.dist.nproc > 1:
+        return relaunch(cfg, ["train"])
+    from medscale.train import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    run = Path(args.run)
+    ckpt_path = run / "model.pt"
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"{ckpt_path} not found; `medscale train` writes it at the end of a run")
+    cfg = load_config(RunConfig, run / "config.yaml", args.overrides)
+    from medscale.data.loader import ShardStream
+    from medscale.dist import init_distributed
+    from medscale.evaluate import evaluate
+    from medscale.models import create_model
+
+    dist = init_distributed()
+    model = create_model(cfg.model, img_size=cfg.data.image_size, in_chans=cfg.data.channels)
+    model.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"])
+    split = args.split or cfg.data.test_split
+    stream = ShardStream(cfg.data.shards, split, cfg.data, micro_batch=cfg.eval.micro_batch_size,
+                         rank=dist.rank, world=dist.world, train=False, seed=cfg.train.seed)
+    result = evaluate(model, stream, cfg, torch.float32, torch.device("cpu"))
+    if dist.is_main:
+        out = Path(args.output or run / f"eval_{split}.json")
+        out.write_text(json.dumps(result, indent=1))
+        from medscale.report import print_eval
+
+        print_eval(result, title=f"{split} ({out})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect / demo
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from medscale.report import inspect_shards
+
+    return inspect_shards(args.shards, verify=args.verify, dump=args.dump, dump_dir=args.dump_dir)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medscale.demo import run_demo
+
+    return run_demo(out=Path(args.out), config=args.config, overrides=args.overrides,
+                    patients=args.patients, images_per_patient=args.images_per_patient, workers=args.workers)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medscale",
+        description="Train vision transformers on medical-imaging corpora: prep -> train -> eval.",
+        epilog="Run `medscale COMMAND --help` for each command. Configs take dotted overrides: train.lr=3e-4",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pp = sub.add_parser("prep", help="DICOM/photo corpus -> de-identified, patient-split WebDataset shards",
+                        description="Turn raw DICOM files and JPEG/PNG photos into de-identified, patient-split "
+                        "tar shards with manifest.json, rejects.jsonl and wids indexes. Trailing key=value items "
+                        "override the recipe (e.g. encoding=png splits='{train: 0.9, test: 0.1}').")
+    pp.add_argument("inputs", nargs="*", metavar="INPUT", help="directories, files, .txt file lists, or key=value overrides")
+    pp.add_argument("--out", required=True, help="output directory for shards and manifest")
+    pp.add_argument("--labels", help="labels CSV (overrides the recipe's labels_csv)")
+    pp.add_argument("--recipe", help="recipe YAML (see data_prep/); default: PrepConfig defaults")
+    pp.add_argument("--workers", type=int, default=1, help="worker processes on this node (default 1)")
+    pp.add_argument("--key-file", help=f"pseudonym key file (or set the env var MEDSCALE_PSEUDONYM_KEY)")
+    pp.add_argument("--random-key", action="store_true", help="one-off random pseudonym key (pseudonyms will not match other runs)")
+    pp.add_argument("--resume", action="store_true", help="continue an interrupted prep in --out")
+    pp.add_argument("--overwrite", action="store_true", help="delete --out and start again")
+    pp.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0) or 0),
+                    help="this task's index in a Slurm array (default $SLURM_ARRAY_TASK_ID or 0)")
+    pp.add_argument("--num-tasks", type=int, default=1, help="tasks in the array; run --merge after all finish")
+    pp.add_argument("--chunk-files", type=int, default=1000, help="inputs per chunk, the unit of parallel work and resume")
+    pp.add_argument("--merge", action="store_true", help="only build manifest.json from finished tasks in --out")
+    pp.set_defaults(func=cmd_prep)
+
+    pt = sub.add_parser("train", help="train a timm model with DeepSpeed on prepped shards",
+                        description="Train with DeepSpeed. Outside a launcher, dist.nproc>1 starts the deepspeed "
+                        "launcher on this node; under deepspeed, torchrun or srun it joins the existing ranks.")
+    pt.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
+    pt.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # some launchers pass it
+    pt.set_defaults(func=cmd_train)
+
+    pe = sub.add_parser("eval", help="evaluate a finished run on a split (AUROC, AUPRC, CIs)",
+                        description="Evaluate RUN/model.pt on a split of the run's shards; writes RUN/eval_SPLIT.json.")
+    pe.add_argument("--run", required=True, help="run directory written by medscale train")
+    pe.add_argument("--split", help="manifest split (default: data.test_split)")
+    pe.add_argument("--output", help="where to write the metrics JSON")
+    pe.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. eval.bootstrap=1000")
+    pe.set_defaults(func=cmd_eval)
+
+    pi = sub.add_parser("inspect", help="summarise shards, verify checksums, dump sample PNGs",
+                        description="Print the manifest summary of a prep output; --verify checks every shard's "
+                        "sha256; --dump N writes N samples as 8-bit PNG previews.")
+    pi.add_argument("shards", help="prep output directory (with manifest.json)")
+    pi.add_argument("--verify", action="store_true", help="recompute and check every shard's sha256")
+    pi.add_argument("--dump", type=int, default=0, metavar="N", help="write N samples as PNG previews")
+    pi.add_argument("--dump-dir", default="inspect_png", help="where --dump writes (default inspect_png)")
+    pi.set_defaults(func=cmd_inspect)
+
+    pd = sub.add_parser("demo", help="end-to-end demo: synthetic CT -> prep -> DeepSpeed training -> eval",
+                        description="Write a synthetic DICOM CT corpus with fake patient identities, prep it into "
+                        "patient-split shards, train a small ViT with DeepSpeed ZeRO-2 on 2 local ranks, and evaluate "
+                        "on held-out patients (DIR/run/eval.json).")
+    pd.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    pd.add_argument("--config", default=None, help="run config (default: configs/demo.yaml or the packaged copy)")
+    pd.add_argument("--patients", type=int, default=120, help="synthetic patients (default 120)")
+    pd.add_argument("--images-per-patient", type=int, default=5, help="slices per patient (default 5)")
+    pd.add_argument("--workers", type=int, default=2, help="prep worker processes (default 2)")
+    pd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run config overrides, e.g. train.steps=50")
+    pd.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        # Bad input (config, CSV, key, paths) gets one clear line; MEDSCALE_DEBUG=1 shows the traceback.
+        if os.environ.get("MEDSCALE_DEBUG"):
+            raise
+        print(f"medscale {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""One typed config tree for a run: defaults < YAML file < dotted command-line overrides.
+
+Every section is a dataclass whose fields carry their own type and a docstring-style comment.
+Loading is strict: an unknown key or a value of the wrong type is a `ConfigError` that names
+the dotted key and where the value came from (the YAML file or the command line), so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "DistConfig",
+    "EvalConfig",
+    "LoggingConfig",
+    "CheckpointConfig",
+    "RunConfig",
+    "PrepConfig",
+    "load_config",
+    "apply_overrides",
+    "to_dict",
+    "from_dict",
+    "save_config",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the key and its source."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The run config tree
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become tensors."""
+
+    shards: str = ""
+    """Directory written by `medscale prep` (holds manifest.json)."""
+    train_split: str = "train"
+    """Manifest split used for training."""
+    eval_split: str = "val"
+    """Manifest split used for evaluation during training and by `medscale eval` by default."""
+    test_split: str = "test"
+    """Held-out split evaluated once at the end of training."""
+    image_size: int = 224
+    """Square side length fed to the model."""
+    channels: int = 1
+    """Channels fed to the model: grayscale is repeated to this many channels."""
+    windows: list[list[float]] = field(default_factory=list)
+    """CT windows as [center, width] pairs in modality units (HU); several windows stack as channels."""
+    normalize: Literal["window", "minmax", "zscore"] = "minmax"
+    """Intensity normalisation when no window applies (window implies windows is set)."""
+    num_workers: int = 1
+    """Data-loader worker processes per rank."""
+    shuffle_buffer: int = 512
+    """Samples held in the shuffle buffer of each worker."""
+    hflip: bool = False
+    """Random horizontal flips. Off by default: laterality matters in chest X-ray and many CTs."""
+
+
+@dataclass
+class ModelConfig:
+    """Which timm model to build. The model knows nothing about DeepSpeed."""
+
+    name: str = "vit_tiny_patch16_224"
+    """timm model name (any registered vision model)."""
+    num_classes: int = 2
+    """Outputs of the classification head."""
+    patch_size: int = 0
+    """Override the ViT patch size (0 keeps the model's own)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate."""
+    weights: str = ""
+    """Local weights file (safetensors or torch checkpoint); never downloaded at run time."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. The DeepSpeed JSON gets its batch sizes, clipping and precision from here."""
+
+    task: Literal["multiclass", "multilabel"] = "multiclass"
+    """multiclass: softmax cross-entropy over one label; multilabel: sigmoid BCE per finding."""
+    steps: int = 100
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 32
+    """Samples per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate after warmup."""
+    min_lr: float = 1e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases, norms, position embeddings, class tokens)."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 disables)."""
+    label_smoothing: float = 0.0
+    """Label smoothing for multiclass cross-entropy."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Training precision; fp16 needs a GPU."""
+    seed: int = 0
+    """Seed for weights, data order and augmentation."""
+    log_every: int = 10
+    """Steps between log lines."""
+
+
+@dataclass
+class DistConfig:
+    """How `medscale train` starts processes when it is not already inside a launcher."""
+
+    nproc: int = 1
+    """Local ranks to start with the deepspeed launcher (1 runs in-process)."""
+    deepspeed_config: str = "ds_configs/zero2.json"
+    """DeepSpeed JSON; values set to "auto" are filled from this config."""
+    master_port: int = 29500
+    """Rendezvous port for the local launcher."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on held-out patients."""
+
+    every_steps: int = 0
+    """Evaluate on eval_split every N steps (0: only at the end)."""
+    micro_batch_size: int = 64
+    """Samples per rank per evaluation forward pass."""
+    bootstrap: int = 200
+    """Bootstrap resamples (by patient) for 95% confidence intervals (0 disables)."""
+    at_specificity: float = 0.0
+    """If > 0, report sensitivity at this specificity; else at probability threshold 0.5."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console and Weights & Biases logging."""
+
+    wandb: bool = False
+    """Log to W&B (use WANDB_MODE=offline without network)."""
+    project: str = "medscale"
+    """W&B project."""
+    run_name: str = ""
+    """W&B run name (default: the run directory's name)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often to save."""
+
+    every_steps: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep: int = 2
+    """Most recent complete checkpoints to keep."""
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    out_dir: str = "runs/default"
+    """Run directory: resolved config, checkpoints, metrics, eval.json."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
+        for key in ("micro_batch_size", "grad_accum"):
+            if getattr(self.train, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
+        if self.dist.nproc < 1:
+            raise ConfigError(f"dist.nproc must be >= 1, got {self.dist.nproc}")
+        for i, w in enumerate(self.data.windows):
+            if len(w) != 2 or w[1] <= 0:
+                raise ConfigError(f"data.windows[{i}] must be [center, width>0], got {w}")
+        if self.data.normalize == "window" and not self.data.windows:
+            raise ConfigError("data.normalize=window needs data.windows, e.g. [[40, 400]]")
+
+
+# ---------------------------------------------------------------------------------------------
+# The prep config tree (recipes in data_prep/ are files of this shape)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrepConfig:
+    """How `medscale prep` turns a raw corpus into shards; recipes in data_prep/ set these."""
+
+    include: list[str] = field(default_factory=lambda: ["**/*"])
+    """Glob patterns (relative to each input directory) of files to consider."""
+    labels_csv: str = ""
+    """CSV of labels; relative paths resolve against the recipe's input directory."""
+    label_key: Literal["path", "filename", "stem", "SOPInstanceUID", "StudyInstanceUID", "PatientID"] = "path"
+    """Which identifier the CSV's key column holds."""
+    key_column: str = "path"
+    """CSV column matched against label_key."""
+    label_columns: list[str] = field(default_factory=list)
+    """Multi-label: one 0/1 column per finding. Empty for single-label (label_column)."""
+    label_column: str = "label"
+    """Multi-class: the column holding the class name."""
+    classes: list[str] = field(default_factory=list)
+    """Class names in index order (multi-class); empty: sorted distinct values of label_column."""
+    label_separator: str = ""
+    """Multi-label given as one column of names joined by this separator (e.g. '|' in ChestX-ray14)."""
+    label_from_dir: bool = False
+    """Take the class from the parent directory name (folder-per-class layouts)."""
+    patient_column: str = ""
+    """CSV column with the patient id for photos (DICOM uses PatientID)."""
+    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    """Patient-level split fractions."""
+    voi: Literal["metadata", "apply"] = "metadata"
+    """Keep VOI windows as metadata (lossless) or apply them to pixels."""
+    frames: Literal["samples", "volume"] = "samples"
+    """Multi-frame DICOM: one sample per frame, or one volume sample."""
+    encoding: Literal["zstd", "png", "zlib"] = "zstd"
+    """Lossless pixel encoding in shards."""
+    compression_level: int = 3
+    """Level for the chosen encoding (zstd 1-22, png/zlib 0-9)."""
+    shard_bytes: int = 256_000_000
+    """Target shard size in bytes."""
+    max_pixels: int = 100_000_000
+    """Reject images with more pixels than this (all frames and channels)."""
+    quarantine_burned_in: bool = True
+    """Quarantine images that carry or may carry burned-in text."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading machinery
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Return `value` checked/converted to `tp`, or raise ConfigError naming key and source."""
+
+    def fail(extra: str = "") -> ConfigError:
+        return ConfigError(
+            f"config key '{key}' ({source}): expected {_type_name(tp)}, got {value!r}{extra}"
+        )
+
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise fail()
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        for a in args:
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError:
+                continue
+        raise fail()
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise fail()
+        return {
+            _coerce(k, k_tp, key, source): _coerce(v, v_tp, f"{key}.{k}", source)
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise fail()
+    if tp is int:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is float:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" as a string, so floats given that way arrive here.
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail()
+    raise ConfigError(f"config key '{key}': unsupported field type {tp}")  # a bug in this module
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown_key(key: str, prefix: str, known: Sequence[str], source: str) -> ConfigError:
+    full = f"{prefix}{key}"
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key '{full}' ({source}){hint}")
+
+
+def _merge(cls: type[T], base: dict[str, Any], raw: Any, prefix: str, source: str) -> dict[str, Any]:
+    """Merge a raw mapping into `base` (a dict of field values for `cls`), checking every key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' ({source}) must be a mapping, got {raw!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key, value in raw.items():
+        if key not in names:
+            raise _unknown_key(str(key), prefix, names, source)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            base[key] = _merge(tp, base[key], value, f"{prefix}{key}.", source)
+        else:
+            base[key] = _coerce(value, tp, f"{prefix}{key}", source)
+    return base
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts/lists (for YAML, JSON, checkpoints, W&B)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], raw: dict[str, Any], source: str = "dict") -> T:
+    """Build `cls` from a nested mapping with the same strict checks as YAML loading."""
+    return _build(cls, _merge(cls, to_dict(cls()), raw, "", source))
+
+
+def _build(cls: type[T], values: dict[str, Any]) -> T:
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        tp = hints[f.name]
+        kwargs[f.name] = _build(tp, values[f.name]) if dataclasses.is_dataclass(tp) else values[f.name]
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. train.lr=3e-4)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # let the typed coercion produce the error that names the key
+    return key, value
+
+
+def apply_overrides(cls: type[T], values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides to a nested value dict, with the same strict checks."""
+    for item in overrides:
+        key, value = _parse_override(item)
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        values = _merge(cls, values, nested, "", f"command line '{item}'")
+    return values
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Load a config: class defaults, then the YAML file, then dotted overrides.
+
+    Args:
+        cls: The root dataclass (RunConfig or PrepConfig).
+        path: YAML file, or None for defaults only.
+        overrides: Items like ``train.lr=3e-4``.
+
+    Raises:
+        ConfigError: unknown keys, wrong types, invalid values, or an unreadable file; the
+            message names the dotted key and the file or override it came from.
+    """
+    values = to_dict(cls())
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        values = _merge(cls, values, raw, "", f"file {p}")
+    values = apply_overrides(cls, values, overrides)
+    return _build(cls, values)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with load_config)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,92 @@
+"""timm models by name. The model is a plain nn.Module and knows nothing about DeepSpeed."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from medscale.config import ModelConfig
+
+__all__ = ["create_model", "load_weights"]
+
+log = logging.getLogger("medscale.models")
+
+
+def create_model(cfg: ModelConfig, *, img_size: int, in_chans: int) -> nn.Module:
+    """Build a timm model from the config, never downloading weights.
+
+    Args:
+        cfg: model section of the run config.
+        img_size: input side length (passed to models that take it, e.g. ViTs).
+        in_chans: input channels.
+    """
+    if not timm.is_model(cfg.name):
+        close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:8]
+        raise ValueError(f"model.name={cfg.name!r} is not a timm model; similar: {close}")
+    kwargs: dict = {"num_classes": cfg.num_classes, "in_chans": in_chans, "drop_path_rate": cfg.drop_path_rate}
+    # img_size/patch_size exist only for some families; pass them only where the model takes them.
+    cls_params = _constructor_params(cfg.name)
+    if "img_size" in cls_params:
+        kwargs["img_size"] = img_size
+    if cfg.patch_size:
+        if "patch_size" not in cls_params:
+            raise ValueError(f"model.patch_size is set but {cfg.name} takes no patch_size")
+        kwargs["patch_size"] = cfg.patch_size
+    model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+    if cfg.weights:
+        load_weights(model, cfg.weights)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _constructor_params(name: str) -> set[str]:
+    """Parameters the model class's __init__ accepts (timm entry points forward **kwargs)."""
+    module = timm.models.model_entrypoint(name).__module__
+    mod = __import__(module, fromlist=["*"])
+    params: set[str] = set()
+    for obj in vars(mod).values():
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module:
+            params |= set(inspect.signature(obj.__init__).parameters)
+    return params
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint, resizing position embeddings and dropping a mismatched head.
+
+    Accepts safetensors, a bare state dict, or a dict holding one under ``state_dict``,
+    ``model`` or ``module`` (timm, torch and DeepSpeed-consolidated files).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model.weights file {p} does not exist (weights are never downloaded)")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        for k in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and k in state and isinstance(state[k], dict):
+                state = state[k]
+    own = model.state_dict()
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        from timm.layers import resample_abs_pos_embed
+
+        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        grid = model.patch_embed.grid_size
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(grid), num_prefix_tokens=prefix)
+        log.info("resized pos_embed to grid %s", grid)
+    dropped = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    for k in dropped:
+        del state[k]  # e.g. a head for another number of classes: keep the fresh one
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    log.info("loaded %s: reset %s, missing %d, unexpected %d", p, dropped, len(missing), len(unexpected))
+    bad = [k for k in missing if not k.startswith(("head", "fc", "classifier"))]
+    if bad:
+        raise ValueError(f"weights {p} do not fit {type(model).__name__}: missing {bad[:5]}")

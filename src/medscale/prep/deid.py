@@ -1,0 +1,532 @@
+"""De-identification: allowlisted metadata, keyed pseudonyms, burned-in-text quarantine, splits.
+
+The approach follows DICOM PS3.15 Annex E (Basic Application Level Confidentiality Profile) by
+construction rather than by deletion: a shard never carries a copy of the DICOM header, only the
+handful of technical attributes that `safe_metadata` allowlists. Names, dates, free text,
+institutions, physicians, device serials, private tags, overlays, curves and nested sequences are
+therefore absent without having to be found and removed one by one. Identifiers that link images
+(patient, study, series, instance) are replaced by keyed pseudonyms (HMAC-SHA256 under a secret
+key), so they stay consistent across a corpus and across runs with the same key, but cannot be
+reversed or re-derived by anyone without the key, even for small identifier spaces such as
+medical record numbers. Pixels can still carry burned-in text: `burned_in_text_reason` says
+which images to quarantine. Splits are drawn per patient (`Pseudonymizer.split`), never per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import os
+import re
+import secrets
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.multival import MultiValue
+from pydicom.uid import UID_dictionary
+
+from medscale.prep.errors import RejectedInput
+
+__all__ = [
+    "KEY_ENV",
+    "SPLIT_ORDER",
+    "BURNED_IN_MODALITIES",
+    "BURNED_IN_SOP_CLASSES",
+    "load_pseudonym_key",
+    "Pseudonymizer",
+    "safe_metadata",
+    "burned_in_text_reason",
+    "pseudonymize_fields",
+]
+
+log = logging.getLogger(__name__)
+
+KEY_ENV = "MEDSCALE_PSEUDONYM_KEY"
+"""Environment variable holding the pseudonym key as a hex string."""
+
+MIN_KEY_BYTES = 16
+"""Shortest accepted key: 128 bits, the HMAC-SHA256 security level we rely on."""
+
+SPLIT_ORDER = ("train", "val", "test")
+"""Order in which split fractions are stacked on [0, 1); other split names follow, sorted.
+
+The order is fixed rather than taken from the dict, so reordering a YAML file never moves a
+patient from one split to another.
+"""
+
+# Modalities whose pixels are screen grabs, video frames or camera pictures rather than detector
+# data. Vendors routinely burn the patient name, ID, birth date and institution into these
+# (ultrasound and angiography screens, endoscopy video overlays, fundus-camera exports, secondary
+# captures of a viewer, slide labels in whole-slide imaging). When such an image does not declare
+# BurnedInAnnotation, we assume it may carry text.
+BURNED_IN_MODALITIES = frozenset(
+    {
+        "US",  # ultrasound: the scanner screen, with name/ID/date banner
+        "IVUS",  # intravascular ultrasound
+        "SC",  # secondary capture: screenshots, scanned films and documents
+        "OT",  # other: in practice mostly screenshots and exports
+        "XA",  # x-ray angiography: frames with burned-in acquisition text
+        "RF",  # radio fluoroscopy: same
+        "ES",  # endoscopy: video overlays with patient data
+        "XC",  # external-camera photography: faces, wristbands, labels
+        "GM",  # general microscopy
+        "OP",  # ophthalmic photography: fundus-camera exports print names
+        "SM",  # slide microscopy: label and overview images show the slide label
+    }
+)
+
+# SOP classes that mean "captured, not acquired" whatever the Modality says: a screenshot of a CT
+# viewer is often stored as Secondary Capture with Modality CT, name and all.
+BURNED_IN_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
+        "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image
+        "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image
+        "1.2.840.10008.5.1.4.1.1.77.1.1",  # VL Endoscopic Image
+        "1.2.840.10008.5.1.4.1.1.77.1.1.1",  # Video Endoscopic Image
+        "1.2.840.10008.5.1.4.1.1.77.1.2",  # VL Microscopic Image
+        "1.2.840.10008.5.1.4.1.1.77.1.2.1",  # Video Microscopic Image
+        "1.2.840.10008.5.1.4.1.1.77.1.4",  # VL Photographic Image
+        "1.2.840.10008.5.1.4.1.1.77.1.4.1",  # Video Photographic Image
+        "1.2.840.10008.5.1.4.1.1.77.1.5.1",  # Ophthalmic Photography 8 Bit
+        "1.2.840.10008.5.1.4.1.1.77.1.5.2",  # Ophthalmic Photography 16 Bit
+    }
+)
+
+# The character repertoire of the DICOM CS (Code String) VR, PS3.5 table 6.2-1. A value that does
+# not match cannot be a conformant code, so it may be free text in a coded-looking field.
+_CS = re.compile(r"[A-Z0-9 _]{1,16}")
+# AS (Age String) is nnnD/W/M/Y; some writers drop leading zeros, which is unambiguous.
+_AGE = re.compile(r"(\d{1,3})([DWMY])")
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+_HEX_DIGITS = re.compile(r"[0-9a-fA-F]+")
+
+_SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
+# Small enumerated CS attributes get a closed list: a 16-character uppercase string could still
+# be a name, so where the standard's list is short we accept nothing else.
+_LATERALITY = frozenset({"R", "L", "B", "U"})
+_PHOTOMETRIC = frozenset(
+    {
+        "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL",
+        "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
+    }
+)
+
+# HIPAA Safe Harbor aggregates ages over 89 into one category.
+_AGE_TOP = 90
+
+# 20 hex characters = 80 bits. By the birthday bound, the chance that any two of n distinct values
+# share a pseudonym is about n^2 / 2^81: ~4e-11 for 10 million patients and ~4e-7 even for a
+# billion instances, while keeping WebDataset keys short. Truncating an HMAC does not weaken it
+# beyond its length; 80 bits is far beyond brute-forcing a pseudonym back to an identifier.
+PSEUDONYM_HEX_CHARS = 20
+
+_KEY_HELP = (
+    "no pseudonym key given. Make one once, keep it secret and reuse it so pseudonyms stay the same "
+    "across runs:\n"
+    "    python -c \"import secrets; print(secrets.token_hex(32))\" > pseudonym.key && chmod 600 pseudonym.key\n"
+    f"then pass --key-file pseudonym.key or set {KEY_ENV} to the hex string. For a one-off run whose "
+    "pseudonyms need not match any other run, pass --random-key."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and pseudonyms
+# ---------------------------------------------------------------------------------------------
+
+
+def load_pseudonym_key(key_file: str | os.PathLike | None = None, *, allow_random: bool = False) -> bytes:
+    """Load the secret key that pseudonyms are derived from.
+
+    Sources, first match wins: ``key_file`` (a hex string, or raw bytes), the environment variable
+    ``MEDSCALE_PSEUDONYM_KEY`` (hex), a fresh random key if ``allow_random``.
+
+    Args:
+        key_file: Path of a key file; it must hold at least 16 bytes of key material.
+        allow_random: Without a key file or environment variable, make a random 32-byte key
+            (pseudonyms then match no other run) instead of failing.
+
+    Returns:
+        The key bytes.
+
+    Raises:
+        ValueError: No key and ``allow_random`` is false (the message says how to make one), or
+            the key file or environment variable is empty, malformed or too short. Messages never
+            contain key material.
+    """
+    if key_file is not None:
+        path = Path(key_file)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise ValueError(f"cannot read pseudonym key file {path}: {e.strerror or e}") from e
+        text = raw.strip().decode("latin-1")
+        # A file of hex digits is read as hex (what the recommended command writes); anything else
+        # is taken as raw key bytes, e.g. from `head -c 32 /dev/urandom`.
+        if _HEX_DIGITS.fullmatch(text):
+            if len(text) % 2:
+                # Most likely a truncated copy-paste; reading it as raw bytes would hide that.
+                raise ValueError(f"pseudonym key file {path} holds an odd number of hex digits")
+            key = bytes.fromhex(text)
+        else:
+            key = raw
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(
+                f"pseudonym key file {path} holds {len(key)} bytes of key material; at least "
+                f"{MIN_KEY_BYTES} are needed (32 recommended)"
+            )
+        _warn_if_readable_by_others(path)
+        return key
+
+    env = os.environ.get(KEY_ENV)
+    if env is not None:
+        text = env.strip()
+        if not text:
+            raise ValueError(f"{KEY_ENV} is set but empty; unset it or give it a hex key")
+        if not _HEX.fullmatch(text):
+            raise ValueError(f"{KEY_ENV} must be a hex string (an even number of 0-9a-f characters)")
+        key = bytes.fromhex(text)
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(
+                f"{KEY_ENV} holds {len(key)} bytes of key material; at least {MIN_KEY_BYTES} are needed "
+                "(64 hex characters recommended)"
+            )
+        return key
+
+    if allow_random:
+        log.warning(
+            "using a random pseudonym key for this run only: pseudonyms (and patient splits) will not "
+            "match those of any other run; use --key-file for corpora that grow or are re-prepared"
+        )
+        return secrets.token_bytes(32)
+    raise ValueError(_KEY_HELP)
+
+
+def _warn_if_readable_by_others(path: Path) -> None:
+    # Anyone who can read the key can re-identify by recomputing pseudonyms of known IDs.
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if os.name == "posix" and mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("pseudonym key file %s is readable by other users; consider chmod 600", path)
+
+
+class Pseudonymizer:
+    """Keyed, deterministic pseudonyms and patient-level splits.
+
+    Args:
+        key: Secret key, at least 16 bytes (see `load_pseudonym_key`).
+
+    Raises:
+        ValueError: The key is not bytes or too short.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if not isinstance(key, (bytes, bytearray)):
+            raise ValueError(f"pseudonym key must be bytes, got {type(key).__name__}")
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"pseudonym key must be at least {MIN_KEY_BYTES} bytes, got {len(key)}")
+        self._key = bytes(key)
+
+    def __repr__(self) -> str:
+        # Never show the key, e.g. in a traceback's locals or a logged config.
+        return "Pseudonymizer(key=<hidden>)"
+
+    def _digest(self, kind: str, value: str) -> bytes:
+        if not isinstance(kind, str) or not kind or "\x00" in kind:
+            raise ValueError(f"pseudonym kind must be a non-empty string without NUL, got {kind!r}")
+        if not isinstance(value, str):
+            raise ValueError(f"pseudonym value must be a string, got {type(value).__name__}")
+        # The NUL separator keeps (kind, value) pairs unambiguous: ("patient", "x") and
+        # ("patien", "tx") hash different messages, so kinds are separate domains.
+        msg = kind.encode("utf-8") + b"\x00" + value.encode("utf-8")
+        return hmac.new(self._key, msg, hashlib.sha256).digest()
+
+    def __call__(self, kind: str, value: str) -> str:
+        """The pseudonym of ``value`` in the domain ``kind``.
+
+        Args:
+            kind: Domain, e.g. ``"patient"``, ``"study"``, ``"series"``, ``"instance"``; the same
+                value gets unrelated pseudonyms in different domains.
+            value: The identifier to replace, hashed exactly as given.
+
+        Returns:
+            20 lowercase hex characters (no dots, so usable in WebDataset keys).
+        """
+        return self._digest(kind, value).hex()[:PSEUDONYM_HEX_CHARS]
+
+    def split(self, patient_pseudonym: str, fractions: Mapping[str, float]) -> str:
+        """The split a patient belongs to; every image of the patient goes to the same one.
+
+        A second keyed hash of the pseudonym is mapped to a number in [0, 1) and cut by the
+        cumulative fractions, stacked in `SPLIT_ORDER` (train, val, test), then any other names
+        sorted. Changing one fraction therefore moves only the patients near the affected cut.
+
+        Args:
+            patient_pseudonym: The patient's pseudonym (from ``self("patient", ...)``).
+            fractions: Split name to fraction; non-negative, summing to 1.
+
+        Returns:
+            The split name.
+
+        Raises:
+            ValueError: Empty fractions, a negative or non-finite fraction, or a sum other than 1.
+        """
+        order = _ordered_fractions(fractions)
+        # 64 bits of the hash give a uniform number in [0, 1) with no visible granularity.
+        u = int.from_bytes(self._digest("split", patient_pseudonym)[:8], "big") / 2.0**64
+        cumulative = 0.0
+        for name, fraction in order:
+            cumulative += fraction
+            if u < cumulative:
+                return name
+        # Rounding can leave the last cut a hair below 1: the rest goes to the last non-empty split.
+        return next(name for name, fraction in reversed(order) if fraction > 0)
+
+
+def _ordered_fractions(fractions: Mapping[str, float]) -> list[tuple[str, float]]:
+    if not fractions:
+        raise ValueError("split fractions are empty; give e.g. {'train': 0.8, 'val': 0.1, 'test': 0.1}")
+    for name, f in fractions.items():
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f):
+            raise ValueError(f"split fraction {name!r} must be a finite number, got {f!r}")
+        if f < 0:
+            raise ValueError(f"split fraction {name!r} must be non-negative, got {f!r}")
+    total = sum(fractions.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must sum to 1, got {total!r} from {dict(fractions)!r}")
+    names = [n for n in SPLIT_ORDER if n in fractions] + sorted(n for n in fractions if n not in SPLIT_ORDER)
+    return [(n, float(fractions[n])) for n in names]
+
+
+def pseudonymize_fields(fields: Mapping[str, str], pseudo: Pseudonymizer) -> dict[str, str]:
+    """Pseudonymize identifier columns of a photo corpus's CSV row.
+
+    Args:
+        fields: Pseudonym kind to raw identifier, e.g. ``{"patient": "MRN 0042"}``.
+        pseudo: The pseudonymizer.
+
+    Returns:
+        Kind to pseudonym. Surrounding whitespace is ignored; empty values are left out, so a
+        blank cell never becomes one shared "patient".
+    """
+    out = {}
+    for kind, value in fields.items():
+        value = "" if value is None else str(value).strip()
+        if value:
+            out[kind] = pseudo(kind, value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata allowlist
+# ---------------------------------------------------------------------------------------------
+
+
+def safe_metadata(ds: pydicom.Dataset, pseudo: Pseudonymizer) -> dict[str, Any]:
+    """The only DICOM metadata that may enter a shard: an allowlist plus pseudonyms.
+
+    Nothing is copied from the header unless listed here, so names, dates, free text, UIDs,
+    institutions, physicians, device details, private tags, overlays and sequences cannot leak.
+    Values are plain JSON types; an attribute that is absent, malformed, non-finite or (for coded
+    strings) outside the DICOM CS repertoire is left out rather than guessed.
+
+    Keys, each only when present: ``modality``, ``photometric`` (as stored), ``rows``,
+    ``columns``, ``bits_stored``, ``number_of_frames``, ``pixel_spacing`` (list of 2 floats, mm),
+    ``slice_thickness``, ``window_center`` and ``window_width`` (lists of floats), ``rescale``
+    (``{"slope", "intercept"}``), ``sex`` (``M``/``F``/``O``), ``age_band`` (``"40-49"``...,
+    ``"90+"``; only from PatientAge, never computed from a birth date), ``body_part``,
+    ``view_position``, ``laterality``, ``transfer_syntax`` (only if a standard transfer syntax),
+    and the pseudonyms ``patient``, ``study``, ``series``, ``instance`` with ``patient_from``
+    (``"patient_id"``, or ``"study"`` when PatientID is empty and the study stands in for the
+    patient).
+
+    Args:
+        ds: The DICOM dataset (pixel data need not be loaded).
+        pseudo: The pseudonymizer.
+
+    Returns:
+        The metadata dict.
+
+    Raises:
+        RejectedInput: ``no_patient``: neither PatientID nor StudyInstanceUID is present, so no
+            patient-level split is possible.
+    """
+    meta: dict[str, Any] = {}
+
+    def put(name: str, value: Any) -> None:
+        if value is not None:
+            meta[name] = value
+
+    put("modality", _cs(ds, "Modality"))
+    photometric = _cs(ds, "PhotometricInterpretation")
+    put("photometric", photometric if photometric in _PHOTOMETRIC else None)
+    for name, keyword in (
+        ("rows", "Rows"),
+        ("columns", "Columns"),
+        ("bits_stored", "BitsStored"),
+        ("number_of_frames", "NumberOfFrames"),
+    ):
+        put(name, _positive_int(ds, keyword))
+    spacing = _floats(ds, "PixelSpacing")
+    put("pixel_spacing", spacing if spacing is not None and len(spacing) == 2 else None)
+    thickness = _floats(ds, "SliceThickness")
+    put("slice_thickness", thickness[0] if thickness is not None and len(thickness) == 1 else None)
+    put("window_center", _floats(ds, "WindowCenter"))
+    put("window_width", _floats(ds, "WindowWidth"))
+    slope, intercept = _floats(ds, "RescaleSlope"), _floats(ds, "RescaleIntercept")
+    if slope is not None or intercept is not None:
+        # An absent slope or intercept means identity (PS3.3 C.11.1), so fill the default.
+        meta["rescale"] = {
+            "slope": slope[0] if slope else 1.0,
+            "intercept": intercept[0] if intercept else 0.0,
+        }
+    sex = _text(ds, "PatientSex")
+    put("sex", _SEX.get(sex.upper()) if sex else None)
+    put("age_band", _age_band(_text(ds, "PatientAge")))
+    put("body_part", _cs(ds, "BodyPartExamined"))
+    put("view_position", _cs(ds, "ViewPosition"))
+    # Image laterality is per image; Laterality is the series-level fallback.
+    laterality = _cs(ds, "ImageLaterality") or _cs(ds, "Laterality")
+    put("laterality", laterality if laterality in _LATERALITY else None)
+    put("transfer_syntax", _standard_transfer_syntax(ds))
+
+    patient_id = _text(ds, "PatientID")
+    study_uid = _text(ds, "StudyInstanceUID")
+    if patient_id:
+        meta["patient"] = pseudo("patient", patient_id)
+        meta["patient_from"] = "patient_id"
+    elif study_uid:
+        # Prefixed so a study UID can never land on the pseudonym of an equal PatientID.
+        meta["patient"] = pseudo("patient", "study:" + study_uid)
+        meta["patient_from"] = "study"
+    else:
+        # Falling back to the series or instance would make each image its own "patient" and
+        # silently break the patient-level split, so refuse instead.
+        raise RejectedInput("no_patient", "neither PatientID nor StudyInstanceUID is present")
+    for kind, keyword in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"), ("instance", "SOPInstanceUID")):
+        value = _text(ds, keyword)
+        if value:
+            meta[kind] = pseudo(kind, value)
+    return meta
+
+
+def _get(ds: pydicom.Dataset, keyword: str) -> Any:
+    # Values are converted lazily on access; a malformed one (DS "abc") raises then. Such a value
+    # is left out, which is always safe for an allowlist.
+    try:
+        return ds.get(keyword)
+    except (ValueError, TypeError, OverflowError, KeyError):
+        return None
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    """A single-valued string attribute, stripped; a backslash-split value is joined back."""
+    value = _get(ds, keyword)
+    if isinstance(value, MultiValue):
+        # pydicom splits on backslash even for VM-1 VRs; the original string is what identifies.
+        value = "\\".join(str(v) for v in value)
+    if value is None or isinstance(value, (bytes, bytearray)):
+        return None
+    value = str(value).strip().strip("\x00").strip()
+    return value or None
+
+
+def _cs(ds: pydicom.Dataset, keyword: str) -> str | None:
+    value = _get(ds, keyword)
+    if not isinstance(value, str):  # absent, multi-valued or bytes: not a single code
+        return None
+    value = value.strip()
+    return value if _CS.fullmatch(value) else None
+
+
+def _floats(ds: pydicom.Dataset, keyword: str) -> list[float] | None:
+    value = _get(ds, keyword)
+    if value is None or isinstance(value, (str, bytes, bytearray)) and not str(value).strip():
+        return None
+    items = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    try:
+        out = [float(v) for v in items]
+    except (ValueError, TypeError, OverflowError):
+        return None
+    # NaN and infinity are not JSON; a header that holds them is corrupt anyway.
+    return out if out and all(math.isfinite(v) for v in out) else None
+
+
+def _positive_int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    value = _get(ds, keyword)
+    if value is None or isinstance(value, (bool, MultiValue, bytes, bytearray)):
+        return None
+    try:
+        number = int(value)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return number if number > 0 else None
+
+
+def _age_band(age: str | None) -> str | None:
+    """PatientAge (AS, e.g. ``"045Y"``) to a decade band; ``"90+"`` above 89 (HIPAA Safe Harbor)."""
+    if not age:
+        return None
+    match = _AGE.fullmatch(age.upper())
+    if not match:
+        return None
+    number, unit = int(match.group(1)), match.group(2)
+    years = {"Y": number, "M": number // 12, "W": number // 52, "D": number // 365}[unit]
+    if years >= _AGE_TOP:
+        return f"{_AGE_TOP}+"
+    low = years // 10 * 10
+    return f"{low}-{low + 9}"
+
+
+def _standard_transfer_syntax(ds: pydicom.Dataset) -> str | None:
+    file_meta = getattr(ds, "file_meta", None)
+    uid = _text(file_meta, "TransferSyntaxUID") if file_meta is not None else None
+    # A private transfer syntax UID starts with its organisation's root, which can point at a
+    # vendor or site; only the standard ones (fixed, public strings) are passed on.
+    entry = UID_dictionary.get(uid) if uid else None
+    return uid if entry is not None and entry[1] == "Transfer Syntax" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Burned-in text
+# ---------------------------------------------------------------------------------------------
+
+
+def burned_in_text_reason(ds: pydicom.Dataset) -> str | None:
+    """Why an image's pixels may show identifying text or features, or None if there is no sign.
+
+    Header metadata is all we check; text detection in pixels (OCR) is out of scope, so a device
+    that declares ``BurnedInAnnotation = NO`` is trusted.
+
+    Returns:
+        ``"burned_in_annotation"``: BurnedInAnnotation is ``YES``.
+        ``"recognizable_visual_features"``: RecognizableVisualFeatures is ``YES`` (faces,
+        surface renderings; Annex E's Clean Recognizable Visual Features option).
+        ``"burned_in_unknown"``: BurnedInAnnotation is absent (or not YES/NO) and the Modality is
+        in `BURNED_IN_MODALITIES`, the SOP class in `BURNED_IN_SOP_CLASSES` (captured rather than
+        acquired images), or the Modality itself is missing.
+        None otherwise.
+    """
+    burned_in = (_text(ds, "BurnedInAnnotation") or "").upper()
+    if burned_in == "YES":
+        return "burned_in_annotation"
+    if (_text(ds, "RecognizableVisualFeatures") or "").upper() == "YES":
+        return "recognizable_visual_features"
+    if burned_in == "NO":
+        return None
+    modality = (_text(ds, "Modality") or "").upper()
+    sop_class = _text(ds, "SOPClassUID") or ""
+    if not modality or modality in BURNED_IN_MODALITIES or sop_class in BURNED_IN_SOP_CLASSES:
+        return "burned_in_unknown"
+    return None

@@ -1,0 +1,507 @@
+"""`medscale prep`: a raw corpus to de-identified, patient-split WebDataset shards.
+
+How the work is cut, and why:
+
+- Inputs are discovered, sorted, and cut into fixed *chunks* of ``chunk_files`` inputs. A chunk
+  is the unit of parallelism (worker processes, Slurm array tasks: chunk ``i`` belongs to task
+  ``i % num_tasks``) and of completion: its shards are written under temporary names, renamed
+  when complete, and a marker ``chunks/NNNNNN.json`` is written last. A rerun after a kill skips
+  finished chunks and redoes the others from scratch, so it ends with byte-identical shards
+  (tar members carry fixed mtimes and owners).
+- Each chunk writes one shard sequence per split, ``{split}-{chunk:06d}-{part:02d}.tar``,
+  rolling over at ``shard_bytes``.
+- ``merge`` reads the markers and writes ``manifest.json``, ``rejects.jsonl`` and one
+  wids index per split.
+
+Privacy: only what `deid.safe_metadata` allowlists reaches a shard; sample keys are keyed
+pseudonyms; source paths appear only in ``rejects.jsonl``, an operator log kept beside the shards
+so rejected files can be found (do not publish it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import webdataset as wds
+
+from medscale.codec import encode_pixels, extension_for
+from medscale.config import PrepConfig, to_dict
+from medscale.prep.deid import Pseudonymizer, burned_in_text_reason, safe_metadata
+from medscale.prep.dicom import decode_dicom, read_dicom
+from medscale.prep.errors import RejectedInput
+from medscale.prep.labels import LabelTable, load_labels
+from medscale.prep.photos import load_photo
+
+__all__ = ["PrepJob", "run_prep", "merge", "discover_inputs", "PHOTO_SUFFIXES"]
+
+log = logging.getLogger("medscale.prep")
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png"}
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class PrepJob:
+    """Everything one prep invocation needs; picklable so worker processes get a copy."""
+
+    inputs: list[str]
+    out: Path
+    cfg: PrepConfig
+    key: bytes
+    labels_csv: str | None = None
+    workers: int = 1
+    task_index: int = 0
+    num_tasks: int = 1
+    chunk_files: int = 1000
+
+
+@dataclass
+class _Source:
+    path: str  # absolute path, for reading
+    rel: str  # path relative to its input root, for label lookup
+
+
+@dataclass
+class _ChunkResult:
+    index: int
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    patients: dict[str, list[str]] = field(default_factory=dict)
+    inputs: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------------
+
+
+def discover_inputs(inputs: Sequence[str], include: Sequence[str]) -> list[_Source]:
+    """Expand directories (by glob patterns), single files and file lists into a sorted list.
+
+    A file ending in ``.txt`` or ``.lst`` is a list of paths, one per line.
+    """
+    found: dict[str, _Source] = {}
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            root = p.resolve()
+            for pattern in include:
+                for f in root.glob(pattern):
+                    if f.is_file() and not f.name.startswith("."):
+                        found.setdefault(str(f), _Source(str(f), f.relative_to(root).as_posix()))
+        elif p.is_file() and p.suffix in (".txt", ".lst"):
+            for line in p.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    f = (p.parent / line).resolve() if not os.path.isabs(line) else Path(line)
+                    found.setdefault(str(f), _Source(str(f), line))
+        elif p.is_file():
+            found.setdefault(str(p.resolve()), _Source(str(p.resolve()), p.name))
+        else:
+            raise FileNotFoundError(f"prep input {item!r} does not exist")
+    return sorted(found.values(), key=lambda s: s.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# One input -> samples
+# ---------------------------------------------------------------------------------------------
+
+
+class _Context:
+    """Per-process state: built once per worker, not once per file."""
+
+    def __init__(self, job: PrepJob):
+        self.job = job
+        self.cfg = job.cfg
+        self.pseudo = Pseudonymizer(job.key)
+        self.labels: LabelTable | None = load_labels(job.cfg, job.labels_csv) if job.labels_csv else None
+        self.ext = extension_for(job.cfg.encoding)
+
+
+def _label_for(ctx: _Context, keys: dict[str, str]) -> Any:
+    if ctx.cfg.label_from_dir:
+        # Folder-per-class layouts (HyperKvasir): classes come from the config, order fixed.
+        name = Path(keys["path"]).parent.name
+        if name not in ctx.cfg.classes:
+            raise RejectedInput("unlabeled", f"folder {name!r} is not one of the recipe's classes")
+        return ctx.cfg.classes.index(name)
+    if ctx.labels is None:
+        return None
+    target = ctx.labels.lookup(keys)
+    if target is None:
+        raise RejectedInput("unlabeled", f"no row in the labels CSV for {ctx.labels.key_kind}")
+    return target
+
+
+def _dicom_samples(ctx: _Context, src: _Source) -> list[tuple[str, dict[str, Any], np.ndarray]]:
+    ds = read_dicom(src.path, max_pixels=ctx.cfg.max_pixels)
+    if ctx.cfg.quarantine_burned_in:
+        why = burned_in_text_reason(ds)
+        if why:
+            raise RejectedInput("quarantined", why)
+    meta = safe_metadata(ds, ctx.pseudo)
+    keys = {
+        "path": src.rel,
+        "filename": Path(src.rel).name,
+        "stem": Path(src.rel).stem,
+        "SOPInstanceUID": str(ds.get("SOPInstanceUID", "")),
+        "StudyInstanceUID": str(ds.get("StudyInstanceUID", "")),
+        "PatientID": str(ds.get("PatientID", "")),
+    }
+    target = _label_for(ctx, keys)
+    images = decode_dicom(ds, voi=ctx.cfg.voi, frames=ctx.cfg.frames, max_pixels=ctx.cfg.max_pixels)
+    base = meta.get("instance") or ctx.pseudo("path", src.rel)
+    out = []
+    for img in images:
+        key = base if img.frame is None else f"{base}_f{img.frame:05d}"
+        info = {
+            "source": "dicom",
+            "patient": meta.get("patient"),
+            "study": meta.get("study"),
+            "series": meta.get("series"),
+            "frame": img.frame,
+            "photometric": img.photometric,
+            "windows": [list(w) for w in img.windows],
+            "voi_applied": img.voi_applied,
+            "lossless": img.lossless,
+            "bits_stored": img.bits_stored,
+            "meta": meta,
+            "target": target,
+        }
+        out.append((key, info, img.pixels))
+    return out
+
+
+def _photo_samples(ctx: _Context, src: _Source) -> list[tuple[str, dict[str, Any], np.ndarray]]:
+    pixels, meta = load_photo(src.path, max_pixels=ctx.cfg.max_pixels)
+    keys = {"path": src.rel, "filename": Path(src.rel).name, "stem": Path(src.rel).stem}
+    target = _label_for(ctx, keys)
+    patient_raw = ctx.labels.patient(keys) if ctx.labels is not None and ctx.cfg.patient_column else None
+    # Without a patient column each photo is its own patient; the manifest says so.
+    patient = ctx.pseudo("patient", patient_raw) if patient_raw else ctx.pseudo("patient", "photo:" + src.rel)
+    key = ctx.pseudo("instance", "photo:" + src.rel)
+    info = {
+        "source": "photo",
+        "patient": patient,
+        "patient_from": "csv" if patient_raw else "image",
+        "photometric": "RGB" if pixels.ndim == 3 else "MONOCHROME2",
+        "lossless": True,
+        "meta": meta,
+        "target": target,
+    }
+    return [(key, info, pixels)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard writing
+# ---------------------------------------------------------------------------------------------
+
+
+class _ShardSequence:
+    """Writes one split's shards for one chunk, rolling over at the target size."""
+
+    def __init__(self, out: Path, split: str, chunk: int, shard_bytes: int):
+        self.out, self.split, self.chunk, self.limit = out, split, chunk, shard_bytes
+        self.part = 0
+        self.done: list[dict[str, Any]] = []
+        self._open()
+
+    def _open(self) -> None:
+        self.name = f"{self.split}-{self.chunk:06d}-{self.part:02d}.tar"
+        self.tmp = self.out / (self.name + ".tmp")
+        self.stream = open(self.tmp, "wb")
+        # Fixed mtime/owner: a rerun writes byte-identical shards, so checksums are comparable.
+        self.writer = wds.TarWriter(self.stream, encoder=False, mtime=0.0, user="medscale", group="medscale", mode=0o444)
+        self.samples, self.bytes, self.labels = 0, 0, Counter()
+
+    def add(self, sample: dict[str, Any], label_counts: dict[str, int]) -> None:
+        if self.samples and self.bytes >= self.limit:
+            self._close()
+            self.part += 1
+            self._open()
+        self.bytes += self.writer.write(sample)
+        self.samples += 1
+        self.labels.update(label_counts)
+
+    def _close(self) -> None:
+        self.writer.close()  # an unclosed TarWriter leaves a truncated last shard
+        self.stream.close()
+        digest = hashlib.sha256(self.tmp.read_bytes()).hexdigest()
+        size = self.tmp.stat().st_size
+        os.replace(self.tmp, self.out / self.name)
+        self.done.append(
+            {"path": self.name, "split": self.split, "samples": self.samples, "bytes": size,
+             "sha256": digest, "label_counts": dict(sorted(self.labels.items()))}
+        )
+
+    def close(self) -> list[dict[str, Any]]:
+        self._close()
+        return self.done
+
+
+_CTX: _Context | None = None
+_PROGRESS: Any = None
+
+
+def _init_worker(job: PrepJob, progress: Any) -> None:
+    global _CTX, _PROGRESS
+    _CTX, _PROGRESS = _Context(job), progress
+
+
+def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
+    index, sources = args
+    ctx = _CTX
+    assert ctx is not None, "worker not initialised"  # programming error, not data validation
+    t0 = time.perf_counter()
+    out = ctx.job.out
+    for stale in out.glob(f"*-{index:06d}-*.tar*"):
+        stale.unlink()  # leftovers of an interrupted run of this chunk
+    result = _ChunkResult(index=index, inputs=len(sources))
+    sequences: dict[str, _ShardSequence] = {}
+    patients: dict[str, set[str]] = {}
+    for src in sources:
+        try:
+            is_photo = Path(src.path).suffix.lower() in PHOTO_SUFFIXES
+            samples = _photo_samples(ctx, src) if is_photo else _dicom_samples(ctx, src)
+        except RejectedInput as r:
+            result.rejects.append({"path": src.path, "reason": r.reason, "detail": r.detail})
+            samples = []
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one bad file must not end a million-file run; it is reported
+            result.rejects.append({"path": src.path, "reason": "error", "detail": f"{type(e).__name__}: {e}"})
+            samples = []
+        for key, info, pixels in samples:
+            patient = info["patient"]
+            split = ctx.pseudo.split(patient, ctx.cfg.splits)
+            data, pix = encode_pixels(pixels, ctx.cfg.encoding, ctx.cfg.compression_level)
+            info["pixels"] = pix
+            info["split"] = split
+            target = info.pop("target")
+            if target is not None:
+                info["label" if ctx.labels is None or ctx.labels.task == "multiclass" else "labels"] = target
+            counts = _label_counts(ctx, target)
+            sample = {"__key__": key, "json": json.dumps(info, sort_keys=True).encode(), ctx.ext: data}
+            if split not in sequences:
+                sequences[split] = _ShardSequence(out, split, index, ctx.cfg.shard_bytes)
+            sequences[split].add(sample, counts)
+            patients.setdefault(split, set()).add(patient)
+            result.samples += 1
+        if _PROGRESS is not None:
+            with _PROGRESS.get_lock():
+                _PROGRESS.value += 1
+    for split in sorted(sequences):
+        result.shards.extend(sequences[split].close())
+    result.patients = {s: sorted(p) for s, p in patients.items()}
+    result.seconds = time.perf_counter() - t0
+    marker = out / "chunks" / f"{index:06d}.json"
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result.__dict__))
+    os.replace(tmp, marker)  # the marker is written last: its presence means the chunk is complete
+    return result
+
+
+def _label_counts(ctx: _Context, target: Any) -> dict[str, int]:
+    if target is None:
+        return {}
+    if ctx.cfg.label_from_dir:
+        return {ctx.cfg.classes[target]: 1}
+    assert ctx.labels is not None
+    return ctx.labels.counts(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def _plan(job: PrepJob, sources: list[_Source], labels: LabelTable | None) -> dict[str, Any]:
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(s.path.encode() + b"\0")
+    return {
+        "inputs": len(sources),
+        "inputs_sha256": h.hexdigest(),
+        "chunk_files": job.chunk_files,
+        "chunks": (len(sources) + job.chunk_files - 1) // job.chunk_files,
+        "config": to_dict(job.cfg),
+        "labels_csv": job.labels_csv,
+        "task": labels.task if labels else "multiclass",
+        "classes": labels.classes if labels else list(job.cfg.classes),
+        "key_fingerprint": Pseudonymizer(job.key)("fingerprint", "medscale"),
+    }
+
+
+def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty output directory unless resuming or overwriting."""
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif not resume:
+            raise FileExistsError(
+                f"output directory {out} is not empty; pass --resume to continue an interrupted prep "
+                "or --overwrite to start again"
+            )
+    (out / "chunks").mkdir(parents=True, exist_ok=True)
+
+
+def run_prep(job: PrepJob, *, progress: bool | None = None) -> dict[str, Any] | None:
+    """Run this task's share of the chunks; merge and return the manifest when it is the only task."""
+    # Read the CSV here first: a bad CSV fails before any worker starts.
+    labels = load_labels(job.cfg, job.labels_csv) if job.labels_csv else None
+    sources = discover_inputs(job.inputs, job.cfg.include)
+    if not sources:
+        raise ValueError(f"no input files found under {job.inputs} with patterns {job.cfg.include}")
+    plan = _plan(job, sources, labels)
+    plan_path = job.out / "plan.json"
+    if plan_path.exists():
+        old = json.loads(plan_path.read_text())
+        for k in ("inputs_sha256", "chunk_files", "config", "key_fingerprint"):
+            if old.get(k) != plan.get(k):
+                raise ValueError(
+                    f"{plan_path} was written for different {k.replace('_', ' ')}; resume only with the same "
+                    "inputs, recipe, chunk size and key, or use --overwrite"
+                )
+    else:
+        tmp = plan_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(plan, indent=1))
+        os.replace(tmp, plan_path)
+
+    chunks = [
+        (i, sources[i * job.chunk_files : (i + 1) * job.chunk_files])
+        for i in range(plan["chunks"])
+        if i % job.num_tasks == job.task_index and not (job.out / "chunks" / f"{i:06d}.json").exists()
+    ]
+    todo_inputs = sum(len(c[1]) for c in chunks)
+    log.info("prep: %d inputs, %d chunks for this task (%d already done)", len(sources), len(chunks),
+             len([i for i in range(plan["chunks"]) if i % job.num_tasks == job.task_index]) - len(chunks))
+    _run_chunks(job, chunks, todo_inputs, progress if progress is not None else sys.stderr.isatty())
+    if job.num_tasks == 1:
+        return merge(job.out)
+    return None
+
+
+def _run_chunks(job: PrepJob, chunks: list[tuple[int, list[_Source]]], total: int, bar: bool) -> None:
+    from tqdm import tqdm
+
+    counter = mp.Value("q", 0)
+    pbar = tqdm(total=total, unit="file", disable=not bar, dynamic_ncols=True)
+    last_log = time.monotonic()
+
+    def report() -> None:
+        nonlocal last_log
+        pbar.update(counter.value - pbar.n)
+        if not bar and time.monotonic() - last_log > 30:
+            log.info("prep: %d/%d files", counter.value, total)
+            last_log = time.monotonic()
+
+    if job.workers <= 1:
+        _init_worker(job, counter)
+        for c in chunks:
+            _process_chunk(c)
+            report()
+    else:
+        # fork keeps start-up cheap; each worker builds its context (key, labels) once.
+        with mp.get_context("fork").Pool(job.workers, initializer=_init_worker, initargs=(job, counter)) as pool:
+            pending = pool.map_async(_process_chunk, chunks, chunksize=1)
+            while not pending.ready():
+                pending.wait(0.5)
+                report()
+            pending.get()  # re-raises a worker's exception here
+    report()
+    pbar.close()
+
+
+def merge(out: Path) -> dict[str, Any]:
+    """Build manifest.json, rejects.jsonl and the wids indexes from the chunk markers."""
+    out = Path(out)
+    plan = json.loads((out / "plan.json").read_text())
+    results = []
+    missing = []
+    for i in range(plan["chunks"]):
+        marker = out / "chunks" / f"{i:06d}.json"
+        if marker.exists():
+            results.append(json.loads(marker.read_text()))
+        else:
+            missing.append(i)
+    if missing:
+        raise RuntimeError(
+            f"cannot merge {out}: {len(missing)} of {plan['chunks']} chunks are not finished "
+            f"(first: {missing[:5]}); rerun the prep tasks with --resume"
+        )
+    shards = sorted((s for r in results for s in r["shards"]), key=lambda s: s["path"])
+    rejects = sorted((x for r in results for x in r["rejects"]), key=lambda x: x["path"])
+    split_patients: dict[str, set[str]] = {}
+    for r in results:
+        for split, ps in r["patients"].items():
+            split_patients.setdefault(split, set()).update(ps)
+    seen: dict[str, str] = {}
+    for split, ps in split_patients.items():
+        for p in ps:
+            if p in seen and seen[p] != split:
+                raise RuntimeError(f"patient {p} appears in splits {seen[p]} and {split}: refusing to write a leaky manifest")
+            seen[p] = split
+    splits: dict[str, Any] = {}
+    for s in shards:
+        d = splits.setdefault(s["split"], {"shards": 0, "samples": 0, "bytes": 0, "label_counts": Counter()})
+        d["shards"] += 1
+        d["samples"] += s["samples"]
+        d["bytes"] += s["bytes"]
+        d["label_counts"].update(s["label_counts"])
+    for name, d in splits.items():
+        d["patients"] = len(split_patients.get(name, ()))
+        d["label_counts"] = dict(sorted(d["label_counts"].items()))
+    cfg = plan["config"]
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "inputs": plan["inputs"],
+        "samples": sum(s["samples"] for s in shards),
+        "rejected": len(rejects),
+        "reject_reasons": dict(sorted(Counter(x["reason"] for x in rejects).items())),
+        "task": plan["task"],
+        "classes": plan["classes"],
+        "encoding": cfg["encoding"],
+        "pixel_extension": extension_for(cfg["encoding"]),
+        "key_fingerprint": plan["key_fingerprint"],
+        "splits": dict(sorted(splits.items())),
+        "shards": shards,
+        "config": cfg,
+    }
+    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
+    _atomic_write(out / "rejects.jsonl", "".join(json.dumps(x) + "\n" for x in rejects))
+    for split in splits:
+        index = {
+            "__kind__": "wids-shard-index-v1",
+            "wids_version": 1,
+            "name": split,
+            "shardlist": [{"url": s["path"], "nsamples": s["samples"]} for s in shards if s["split"] == split],
+        }
+        _atomic_write(out / f"{split}.wids.json", json.dumps(index, indent=1))
+    return manifest
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def iter_rejects(out: Path) -> Iterable[dict[str, Any]]:
+    """The rejected or quarantined inputs of a finished prep."""
+    with open(Path(out) / "rejects.jsonl") as f:
+        for line in f:
+            yield json.loads(line)
