@@ -82,6 +82,7 @@ def load_labels(cfg: PrepConfig, csv_path: str | Path) -> LabelTable:
             v = r[cfg.label_column].strip()
             values.update(x.strip() for x in v.split(cfg.label_separator)) if cfg.label_separator else values.add(v)
         values.discard("")
+        values.difference_update(cfg.no_finding)
         classes = sorted(values)
     index = {c: i for i, c in enumerate(classes)}
 
@@ -97,7 +98,8 @@ def load_labels(cfg: PrepConfig, csv_path: str | Path) -> LabelTable:
                     raise ValueError(f"{where}, column {c!r}: expected 0 or 1, got {v!r}")
                 target.append(int(float(v)))
         elif cfg.label_separator:
-            names = [x.strip() for x in r[cfg.label_column].split(cfg.label_separator) if x.strip()]
+            names = [x.strip() for x in r[cfg.label_column].split(cfg.label_separator)
+                     if x.strip() and x.strip() not in cfg.no_finding]
             unknown = [x for x in names if x not in index]
             if unknown:
                 raise ValueError(f"{where}, column {cfg.label_column!r}: unknown class(es) {unknown}")

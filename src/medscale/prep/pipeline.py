@@ -80,6 +80,7 @@ class _ChunkResult:
     rejects: list[dict[str, Any]] = field(default_factory=list)
     patients: dict[str, list[str]] = field(default_factory=dict)
     inputs: int = 0
+    accepted: int = 0
     samples: int = 0
     seconds: float = 0.0
 
@@ -274,17 +275,20 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
     sequences: dict[str, _ShardSequence] = {}
     patients: dict[str, set[str]] = {}
     for src in sources:
+        samples = []
         try:
             is_photo = Path(src.path).suffix.lower() in PHOTO_SUFFIXES
             samples = _photo_samples(ctx, src) if is_photo else _dicom_samples(ctx, src)
+            if not samples:
+                raise RejectedInput("empty", "decoded to no images")
         except RejectedInput as r:
             result.rejects.append({"path": src.path, "reason": r.reason, "detail": r.detail})
-            samples = []
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - one bad file must not end a million-file run; it is reported
             result.rejects.append({"path": src.path, "reason": "error", "detail": f"{type(e).__name__}: {e}"})
             samples = []
+        result.accepted += bool(samples)
         for key, info, pixels in samples:
             patient = info["patient"]
             split = ctx.pseudo.split(patient, ctx.cfg.splits)
@@ -469,6 +473,7 @@ def merge(out: Path) -> dict[str, Any]:
     manifest = {
         "version": MANIFEST_VERSION,
         "inputs": plan["inputs"],
+        "accepted_inputs": sum(r["accepted"] for r in results),
         "samples": sum(s["samples"] for s in shards),
         "rejected": len(rejects),
         "reject_reasons": dict(sorted(Counter(x["reason"] for x in rejects).items())),

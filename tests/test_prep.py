@@ -1,0 +1,249 @@
+"""`medscale prep` end to end: privacy, lossless pixels, patient splits, rejects, resume, array tasks."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from test_deid import NUMERIC_CANARIES, make_dicom
+
+from medscale.codec import decode_pixels
+from medscale.config import PrepConfig, load_config
+from medscale.demo import write_synthetic_corpus
+from medscale.prep.deid import Pseudonymizer
+from medscale.prep.pipeline import PrepJob, merge, prepare_output, run_prep
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = bytes(range(32))
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def prep(inputs, out, *, labels=None, workers=1, chunk_files=1000, recipe=None, overrides=(), **kw):
+    cfg = load_config(PrepConfig, recipe, list(overrides))
+    prepare_output(Path(out), resume=kw.pop("resume", False), overwrite=kw.pop("overwrite", True))
+    job = PrepJob(inputs=[str(i) for i in inputs], out=Path(out), cfg=cfg, key=KEY,
+                  labels_csv=str(labels) if labels else None, workers=workers, chunk_files=chunk_files, **kw)
+    return run_prep(job, progress=False)
+
+
+def samples_of(out: Path):
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            members = {}
+            for m in t.getmembers():
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, {})[ext] = t.extractfile(m).read()
+        for key, m in members.items():
+            yield tar.name, key, m
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "medscale.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env={**os.environ, "MEDSCALE_PSEUDONYM_KEY": KEY.hex()})
+
+
+def test_phi_canaries_never_reach_a_shard_or_manifest(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(12):
+        ds = make_dicom(SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.9{i:04d}", PatientID=f"CANARY_PID_{i % 4}_7f3a")
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(src / f"{i}.dcm", enforce_file_format=True)
+    out = tmp_path / "out"
+    manifest = prep([src], out, workers=2, chunk_files=5)
+    assert manifest["samples"] == 12 and manifest["rejected"] == 0
+    canaries = [b"CANARY", b"7f3a", b"Springfield", b"1.2.826.0.1.3680043.8.498"] + [c.encode() for c in NUMERIC_CANARIES]
+    for f in out.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            for c in canaries:
+                # hex digests may contain "7f3a" by chance; only the text canaries are checked there
+                if c == b"7f3a" and f.suffix == ".json" and f.name != "manifest.json":
+                    continue
+                assert c not in data, (f.name, c)
+    for _, key, m in samples_of(out):
+        assert "." not in key
+        info = json.loads(m["json"])
+        assert not any(str(c) in json.dumps(info) for c in ("CANARY", "7f3a_", "19450307"))
+
+
+def test_16bit_ct_decodes_back_to_exact_modality_values(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm", download=False), src / "ct.dcm")
+    shutil.copy(pydicom.data.get_testdata_file("MR_small.dcm", download=False), src / "mr.dcm")
+    out = tmp_path / "out"
+    prep([src], out, overrides=["quarantine_burned_in=false"])
+    pseudo = Pseudonymizer(KEY)
+    by_key = {k: m for _, k, m in samples_of(out)}
+    for name in ("ct.dcm", "mr.dcm"):
+        ds = pydicom.dcmread(src / name)
+        expected = ds.pixel_array.astype(np.int64) * int(getattr(ds, "RescaleSlope", 1)) + int(getattr(ds, "RescaleIntercept", 0))
+        m = by_key[pseudo("instance", ds.SOPInstanceUID)]
+        info = json.loads(m["json"])
+        got = decode_pixels(m["pix.zst"], "pix.zst", info["pixels"])
+        assert got.dtype.kind in "iu" and got.dtype.itemsize <= 2
+        assert np.array_equal(got.astype(np.int64), expected), name
+
+
+def test_patients_never_cross_splits_and_manifest_adds_up(tmp_path):
+    labels = write_synthetic_corpus(tmp_path / "raw", patients=40, images_per_patient=3, size=32)
+    out = tmp_path / "out"
+    manifest = prep([tmp_path / "raw" / "dicom"], out, labels=labels, recipe=ROOT / "data_prep" / "demo.yaml",
+                    workers=2, chunk_files=16)
+    split_of = {}
+    counts = {}
+    for tar, key, m in samples_of(out):
+        info = json.loads(m["json"])
+        assert tar.startswith(info["split"] + "-")
+        assert split_of.setdefault(info["patient"], info["split"]) == info["split"]
+        counts[info["split"]] = counts.get(info["split"], 0) + 1
+    assert manifest["samples"] == 120 == sum(counts.values())
+    assert {s: d["samples"] for s, d in manifest["splits"].items()} == counts
+    assert sum(d["patients"] for d in manifest["splits"].values()) == 40
+    for s in manifest["shards"]:
+        assert (out / s["path"]).stat().st_size == s["bytes"]
+    for split, d in manifest["splits"].items():
+        wids = json.loads((out / f"{split}.wids.json").read_text())
+        assert sum(x["nsamples"] for x in wids["shardlist"]) == d["samples"]
+    assert sum(manifest["splits"][s]["label_counts"].get("lesion", 0) for s in counts) > 0
+    assert manifest["classes"] == ["normal", "lesion"]
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    ct = Path(pydicom.data.get_testdata_file("CT_small.dcm", download=False))
+    shutil.copy(ct, src / "good.dcm")
+    (src / "empty.dcm").write_bytes(b"")
+    (src / "noise.bin").write_bytes(os.urandom(3000))
+    (src / "truncated.dcm").write_bytes(ct.read_bytes()[: ct.stat().st_size // 2])
+    big = pydicom.dcmread(ct)
+    big.Rows = big.Columns = 60000  # header claims a huge image: rejected from the header alone
+    big.save_as(src / "huge.dcm")
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(src / "photo.jpg")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))
+    out = tmp_path / "out"
+    manifest = prep([src], out, overrides=["max_pixels=50000000"])
+    rejects = {Path(r["path"]).name: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert set(rejects) == {"empty.dcm", "noise.bin", "truncated.dcm", "huge.dcm", "broken.png"}
+    assert rejects["huge.dcm"] == "too_large" and rejects["empty.dcm"] == "empty"
+    assert rejects["noise.bin"] == "not_dicom"
+    assert "error" not in rejects.values()
+    assert manifest["accepted_inputs"] + manifest["rejected"] == manifest["inputs"] == 7
+
+
+def test_every_pydicom_test_file_is_converted_or_rejected_with_a_reason(tmp_path):
+    files = Path(pydicom.data.__file__).parent / "test_files"
+    out = tmp_path / "out"
+    manifest = prep([files], out, workers=2, chunk_files=20)
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    crashes = [r for r in rejects if r["reason"] == "error"]
+    assert not crashes, crashes[:3]
+    assert manifest["inputs"] == sum(1 for f in files.rglob("*") if f.is_file() and not f.name.startswith("."))
+    assert manifest["accepted_inputs"] + manifest["rejected"] == manifest["inputs"]
+    assert manifest["accepted_inputs"] > 30
+    assert sum(manifest["reject_reasons"].values()) == manifest["rejected"]
+
+
+def test_output_dir_is_refused_unless_resume_or_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm", download=False), src / "a.dcm")
+    r = cli("prep", src, "--out", out)
+    assert r.returncode == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert (out / "something").exists()
+    r = cli("prep", src, "--out", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "something").exists() and (out / "manifest.json").exists()
+
+
+def test_missing_key_stops_with_instructions(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MEDSCALE_PSEUDONYM_KEY"}
+    r = subprocess.run([sys.executable, "-m", "medscale.cli", "prep", str(src), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2 and "secrets.token_hex" in r.stderr and "--key-file" in r.stderr
+
+
+def _shard_set(out: Path):
+    m = json.loads((out / "manifest.json").read_text())
+    return [(s["path"], s["sha256"], s["samples"]) for s in m["shards"]]
+
+
+@pytest.mark.integration
+def test_rerun_after_kill_ends_with_the_same_shards(tmp_path):
+    labels = write_synthetic_corpus(tmp_path / "raw", patients=30, images_per_patient=4, size=64)
+    args = ["prep", tmp_path / "raw" / "dicom", "--labels", labels, "--recipe", ROOT / "data_prep" / "demo.yaml",
+            "--chunk-files", "6"]
+    ref = tmp_path / "ref"
+    assert cli(*args, "--out", ref).returncode == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "MEDSCALE_PSEUDONYM_KEY": KEY.hex()}
+    proc = subprocess.Popen([sys.executable, "-m", "medscale.cli", *map(str, args), "--out", str(out)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "chunks").glob("*.json"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((out / "chunks").glob("*.json")))
+    assert 3 <= done < 20, "the kill should land mid-run"
+    assert not (out / "manifest.json").exists()
+    r = cli(*args, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert _shard_set(out) == _shard_set(ref)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_array_tasks_then_merge_equal_a_single_run(tmp_path):
+    labels = write_synthetic_corpus(tmp_path / "raw", patients=12, images_per_patient=3, size=32)
+    common = dict(labels=labels, recipe=ROOT / "data_prep" / "demo.yaml", chunk_files=5)
+    prep([tmp_path / "raw" / "dicom"], tmp_path / "single", **common)
+    out = tmp_path / "array"
+    for task in (1, 0):
+        assert prep([tmp_path / "raw" / "dicom"], out, task_index=task, num_tasks=2, resume=True, overwrite=False,
+                    **common) is None
+    merge(out)
+    assert _shard_set(out) == _shard_set(tmp_path / "single")
+
+
+def test_merge_refuses_when_tasks_are_missing(tmp_path):
+    labels = write_synthetic_corpus(tmp_path / "raw", patients=6, images_per_patient=2, size=32)
+    out = tmp_path / "array"
+    prep([tmp_path / "raw" / "dicom"], out, labels=labels, recipe=ROOT / "data_prep" / "demo.yaml", chunk_files=3,
+         task_index=0, num_tasks=2)
+    with pytest.raises(RuntimeError, match="not finished"):
+        merge(out)
+
+
+def test_inspect_verifies_checksums_and_dumps_previews(tmp_path):
+    labels = write_synthetic_corpus(tmp_path / "raw", patients=4, images_per_patient=2, size=32)
+    out = tmp_path / "out"
+    prep([tmp_path / "raw" / "dicom"], out, labels=labels, recipe=ROOT / "data_prep" / "demo.yaml")
+    r = cli("inspect", out, "--verify", "--dump", 3, "--dump-dir", tmp_path / "png")
+    assert r.returncode == 0 and "0 bad" in r.stdout, r.stdout + r.stderr
+    assert len(list((tmp_path / "png").glob("*.png"))) == 3
+    shard = next(out.glob("*.tar"))
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = cli("inspect", out, "--verify")
+    assert r.returncode == 1 and "sha256 mismatch" in r.stdout
