@@ -124,6 +124,30 @@ class TrainConfig:
     """Seed for weights, data order and augmentation."""
     log_every: int = 10
     """Steps between log lines."""
+    optimizer: Literal["adamw", "lamb"] = "adamw"
+    """AdamW, or LAMB (per-tensor trust ratio: needs whole tensors on each rank, see engine.py)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam/LAMB betas."""
+    eps: float = 1e-8
+    """Adam/LAMB epsilon."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay for fine-tuning: block i of L gets lr x layer_decay^(L - i); 1.0 disables."""
+    focal_gamma: float = 0.0
+    """Focal loss focusing parameter (softmax focal for multiclass, sigmoid for multilabel); 0 disables."""
+    pos_weight: list[float] = field(default_factory=list)
+    """Multilabel BCE positive weight per class (empty: none). Exclusive with auto_pos_weight."""
+    auto_pos_weight: bool = False
+    """Multilabel: positive weight per class = negatives / positives of the training split (manifest counts)."""
+    ema_decay: float = 0.0
+    """EMA of the weights with this decay per optimizer step (e.g. 0.9998); 0 disables. Under ZeRO-3
+    each rank keeps the EMA of its own partition."""
+    max_nonfinite: int = 3
+    """Stop after this many non-finite losses in a row (each one skips its micro-batch on every rank)."""
+    max_overflow_steps: int = 50
+    """fp16: stop after this many optimizer steps in a row skipped for gradient overflow."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for model FLOPs utilisation; 0: a built-in table for known GPUs
+    (MFU is null on CPU and unknown devices)."""
 
 
 @dataclass
@@ -136,6 +160,8 @@ class DistConfig:
     """DeepSpeed JSON; values set to "auto" are filled from this config."""
     master_port: int = 29500
     """Rendezvous port for the local launcher."""
+    timeout_minutes: int = 30
+    """Collective timeout: a rank stuck this long fails the run instead of hanging it."""
 
 
 @dataclass
@@ -150,6 +176,15 @@ class EvalConfig:
     """Bootstrap resamples (by patient) for 95% confidence intervals (0 disables)."""
     at_specificity: float = 0.0
     """If > 0, report sensitivity at this specificity; else at probability threshold 0.5."""
+    threshold: float | None = None
+    """Fixed probability threshold of the operating point (exclusive with at_specificity); None: 0.5,
+    or argmax for multiclass with more than two classes."""
+    aggregate: Literal["none", "patient", "study"] = "none"
+    """Also report metrics with predictions pooled per patient or per study (``<level>_level`` in the result)."""
+    aggregate_how: Literal["mean", "max"] = "mean"
+    """How image predictions are pooled per patient/study."""
+    use_ema: bool = True
+    """Evaluate the EMA weights when train.ema_decay > 0."""
 
 
 @dataclass
@@ -172,6 +207,8 @@ class CheckpointConfig:
     """Save every N steps (0: only at the end)."""
     keep: int = 2
     """Most recent complete checkpoints to keep."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in out_dir/checkpoints when there is one."""
 
 
 @dataclass
@@ -201,6 +238,28 @@ class RunConfig:
                 raise ConfigError(f"data.windows[{i}] must be [center, width>0], got {w}")
         if self.data.normalize == "window" and not self.data.windows:
             raise ConfigError("data.normalize=window needs data.windows, e.g. [[40, 400]]")
+        t = self.train
+        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+            raise ConfigError(f"train.betas must be two values in [0, 1), got {t.betas}")
+        if not 0 < t.layer_decay <= 1:
+            raise ConfigError(f"train.layer_decay must be in (0, 1] (1 disables), got {t.layer_decay}")
+        if not 0 <= t.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1) (0 disables), got {t.ema_decay}")
+        if t.focal_gamma < 0:
+            raise ConfigError(f"train.focal_gamma must be >= 0, got {t.focal_gamma}")
+        if t.pos_weight and t.auto_pos_weight:
+            raise ConfigError(f"train.pos_weight={t.pos_weight} and train.auto_pos_weight=true contradict; set one")
+        if (t.pos_weight or t.auto_pos_weight) and t.task != "multilabel":
+            raise ConfigError(f"train.pos_weight/auto_pos_weight apply to multilabel BCE, but train.task={t.task}")
+        if t.pos_weight and len(t.pos_weight) != self.model.num_classes:
+            raise ConfigError(f"train.pos_weight has {len(t.pos_weight)} values but model.num_classes="
+                              f"{self.model.num_classes}")
+        for key in ("max_nonfinite", "max_overflow_steps", "log_every"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+        if self.eval.threshold is not None and self.eval.at_specificity:
+            raise ConfigError(f"eval.threshold={self.eval.threshold} and eval.at_specificity="
+                              f"{self.eval.at_specificity} both set an operating point; set one")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,9 +43,9 @@ def make_ct_slice(rng: np.random.Generator, size: int, lesion: bool) -> np.ndarr
     hu[spine] = rng.uniform(500, 900)
     if lesion:
         cx, cy, la, lb = lungs[rng.integers(2)]
-        r = rng.uniform(0.03, 0.06)
+        r = rng.uniform(0.07, 0.1)
         px, py = cx + rng.uniform(-0.4, 0.4) * la, cy + rng.uniform(-0.4, 0.4) * lb
-        hu[((xx - px) ** 2 + (yy - py) ** 2) < r ** 2] = rng.uniform(40, 120)
+        hu[((xx - px) ** 2 + (yy - py) ** 2) < r ** 2] = rng.uniform(200, 400)
     hu += rng.normal(0, 18, hu.shape).astype(np.float32)
     return np.clip(hu, -1024, 3071).astype(np.int16)
 
@@ -120,8 +120,8 @@ def write_synthetic_corpus(out: str | Path, *, patients: int = 100, images_per_p
 def run_demo(out: Path, config: str | None = None, overrides: Sequence[str] = (), patients: int = 120,
              images_per_patient: int = 5, workers: int = 2) -> int:
     """Generate -> prep -> train (deepspeed launcher) -> evaluate; prints and saves a summary."""
+    import hashlib
     import json
-    import secrets
     import shutil
     import time
 
@@ -148,9 +148,10 @@ def run_demo(out: Path, config: str | None = None, overrides: Sequence[str] = ()
 
     t = time.perf_counter()
     key_file = out / "pseudonym.key"
-    if not key_file.exists():
-        key_file.write_text(secrets.token_hex(32))
-        key_file.chmod(0o600)
+    # The corpus is synthetic, so a fixed key keeps the demo's patient split (and its figures)
+    # reproducible. A real corpus needs a secret key: see README, "Privacy and leakage".
+    key_file.write_text(hashlib.sha256(b"medscale demo: synthetic data only").hexdigest())
+    key_file.chmod(0o600)
     prepare_output(out / "shards", resume=False, overwrite=True)
     job = PrepJob(inputs=[str(out / "raw" / "dicom")], out=out / "shards", cfg=prep_cfg,
                   key=load_pseudonym_key(key_file), labels_csv=str(labels), workers=workers,

@@ -178,6 +178,8 @@ def _dicom_samples(ctx: _Context, src: _Source) -> list[tuple[str, dict[str, Any
             "photometric": img.photometric,
             "windows": [list(w) for w in img.windows],
             "voi_applied": img.voi_applied,
+            "inverted": img.inverted,
+            "rescale": list(img.rescale) if img.rescale else None,
             "lossless": img.lossless,
             "bits_stored": img.bits_stored,
             "meta": meta,

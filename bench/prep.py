@@ -1,0 +1,109 @@
+"""Benchmark: `medscale prep` throughput on 512x512 16-bit CT with real anatomy.
+
+Inputs: pydicom's own 512x512 CT test file (693_J2KI.dcm) decoded once and saved uncompressed,
+copied N times with distinct UIDs and patient IDs. Compared with a bare `dcmread` +
+`pixel_array` loop over the same files, for every encoding prep offers, then 2 workers vs 1.
+The last output line is one JSON object of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from medscale.config import PrepConfig, load_config
+from medscale.prep.pipeline import PrepJob, prepare_output, run_prep
+
+warnings.filterwarnings("ignore")
+KEY = bytes(range(32))
+
+
+def make_inputs(folder: Path, n: int) -> int:
+    """Write n uncompressed 512x512 CT files; returns the raw pixel bytes of one image."""
+    src = pydicom.dcmread(pydicom.data.get_testdata_file("693_J2KI.dcm", download=False))
+    pixels = src.pixel_array  # decoded once, here, with the JPEG 2000 plugin
+    src.PixelData = pixels.tobytes()
+    src.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    src.BurnedInAnnotation = "NO"
+    folder.mkdir(parents=True)
+    for i in range(n):
+        src.SOPInstanceUID = src.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        src.PatientID = f"BENCH{i // 4:05d}"  # four slices per patient
+        src.save_as(folder / f"{i:05d}.dcm", enforce_file_format=True)
+    return pixels.nbytes
+
+
+def bare_rate(files: list[Path], repeat: int = 2) -> float:
+    best = 0.0
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for f in files:
+            pydicom.dcmread(f).pixel_array
+        best = max(best, len(files) / (time.perf_counter() - t))
+    return best
+
+
+def prep_rate(folder: Path, out: Path, workers: int, overrides: list[str], repeat: int = 2) -> tuple[float, dict]:
+    cfg = load_config(PrepConfig, None, overrides)
+    best, manifest = 0.0, {}
+    for _ in range(repeat):
+        prepare_output(out, resume=False, overwrite=True)
+        job = PrepJob(inputs=[str(folder)], out=out, cfg=cfg, key=KEY, workers=workers, chunk_files=50)
+        t = time.perf_counter()
+        manifest = run_prep(job, progress=False)
+        best = max(best, manifest["samples"] / (time.perf_counter() - t))
+    return best, manifest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=400)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "ct"
+        raw = make_inputs(folder, args.images)
+        files = sorted(folder.glob("*.dcm"))
+        decode = bare_rate(files)
+        print(f"bare dcmread + pixel_array: {decode:.0f} images/s")
+        encodings = {}
+        for enc, level in (("zstd", 1), ("zstd", 3), ("zlib", 1), ("png", 1), ("png", 6)):
+            rate, m = prep_rate(folder, Path(tmp) / "out", 1, [f"encoding={enc}", f"compression_level={level}"])
+            per_image = sum(s["bytes"] for s in m["shards"]) / m["samples"]
+            name = f"{enc}-{level}"
+            encodings[name] = {"images_per_s": round(rate, 1), "ratio_vs_decode": round(rate / decode, 3),
+                               "bytes_per_image": round(per_image), "fraction_of_raw": round(per_image / raw, 3)}
+            print(f"prep 1 worker, {name:7s}: {rate:6.0f} images/s  {per_image / 1e3:7.1f} kB/image "
+                  f"({per_image / raw:.1%} of raw)")
+        two, _ = prep_rate(folder, Path(tmp) / "out", 2, ["encoding=zstd", "compression_level=1"])
+        default = encodings["zstd-1"]
+        print(f"prep 2 workers, zstd-1: {two:.0f} images/s")
+        shutil.rmtree(Path(tmp) / "out", ignore_errors=True)
+    print(json.dumps({
+        "benchmark": "prep",
+        "images": args.images,
+        "bare_decode_per_s": round(decode, 1),
+        "prep_per_s_1_worker": default["images_per_s"],
+        "prep_per_s_2_workers": round(two, 1),
+        "ratio_vs_decode": default["ratio_vs_decode"],
+        "scaling_2_workers": round(two / default["images_per_s"], 3),
+        "bytes_per_image": default["bytes_per_image"],
+        "raw_bytes_per_image": raw,
+        "encodings": encodings,
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
