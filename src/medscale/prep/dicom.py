@@ -29,7 +29,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, as_pixel_options, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
 from medscale.prep.errors import RejectedInput
 
@@ -118,21 +118,12 @@ def read_dicom(path: str | os.PathLike, *, max_pixels: int = 100_000_000) -> Dat
     if size == 0:
         raise RejectedInput("empty", "the file has 0 bytes")
     ds = _parse(p)
-    _check_complete(ds, size)
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise RejectedInput("no_pixel_data", f"SOP class {ds.get('SOPClassUID', 'unknown')} has no pixel data")
-    if "PixelData" not in ds:
-        raise RejectedInput("unsupported", "float pixel data (e.g. parametric maps) is not supported")
-    n = _pixel_count(ds)
-    if n > max_pixels:
-        raise RejectedInput("too_large", f"{n} pixel values > max_pixels={max_pixels}")
-    if not ds.file_meta.get("TransferSyntaxUID"):
-        if ds.get_item("PixelData", keep_deferred=True).length == _UNDEFINED_LENGTH:
-            raise RejectedInput("unreadable", "compressed pixel data without a Transfer Syntax UID")
-        # Native pixel data still decodes: the encoding is known from parsing the header.
-        implicit, little = ds.original_encoding
-        ds.file_meta.TransferSyntaxUID = (U.ImplicitVRLittleEndian if implicit else
-                                          U.ExplicitVRLittleEndian if little else U.ExplicitVRBigEndian)
+    try:
+        _check_header(ds, size, max_pixels)
+    except RejectedInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - values convert lazily; a malformed one fails on first access
+        raise RejectedInput("unreadable", f"{type(e).__name__}: {e}"[:300]) from e
     return ds
 
 
@@ -162,14 +153,17 @@ def decode_dicom(ds: Dataset, *, voi: str = "metadata", frames: str = "samples",
         raise ValueError(f"frames must be 'samples' or 'volume', got {frames!r}")
     if "PixelData" not in ds:
         raise RejectedInput("no_pixel_data", "the dataset has no (integer) Pixel Data")
-    n = _pixel_count(ds)
-    if n > max_pixels:
-        raise RejectedInput("too_large", f"{n} pixel values > max_pixels={max_pixels}")
     try:
+        if (n := _pixel_count(ds)) > max_pixels:
+            raise RejectedInput("too_large", f"{n} pixel values > max_pixels={max_pixels}")
         images = _decode(ds, voi)
     except (RejectedInput, MemoryError):
         raise
-    except Exception as e:  # noqa: BLE001 - malformed data fails in many ways; each is a counted rejection
+    except BaseException as e:  # noqa: BLE001 - malformed data fails in many ways; each is a counted rejection
+        # Rust codecs (pylibjpeg-rle, -openjpeg) panic on corrupt data with pyo3's PanicException,
+        # which is a BaseException; KeyboardInterrupt and SystemExit still propagate.
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
         raise RejectedInput("decode_error", f"{type(e).__name__}: {e}"[:500]) from e
     return images if frames == "samples" or len(images) == 1 else [_as_volume(images)]
 
@@ -199,12 +193,29 @@ def _parse(p: Path) -> Dataset:
     return ds
 
 
+def _check_header(ds: Dataset, size: int, max_pixels: int) -> None:
+    _check_complete(ds, size)
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise RejectedInput("no_pixel_data", f"SOP class {ds.get('SOPClassUID', 'unknown')} has no pixel data")
+    if "PixelData" not in ds:
+        raise RejectedInput("unsupported", "float pixel data (e.g. parametric maps) is not supported")
+    if (n := _pixel_count(ds)) > max_pixels:
+        raise RejectedInput("too_large", f"{n} pixel values > max_pixels={max_pixels}")
+    if not ds.file_meta.get("TransferSyntaxUID"):
+        if ds.get_item("PixelData", keep_deferred=True).length == _UNDEFINED_LENGTH:
+            raise RejectedInput("unreadable", "compressed pixel data without a Transfer Syntax UID")
+        # Native pixel data still decodes: the encoding is known from parsing the header.
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (U.ImplicitVRLittleEndian if implicit else
+                                          U.ExplicitVRLittleEndian if little else U.ExplicitVRBigEndian)
+
+
 def _check_complete(ds: Dataset, size: int) -> None:
     """Reject a file cut inside an element: pydicom keeps a short value, drops a cut header."""
     if ds.file_meta.get("TransferSyntaxUID") == U.DeflatedExplicitVRLittleEndian:
         return  # offsets are in the inflated stream, not the file
     last_tell, last_end = -1, None
-    for tag in ds.keys():
+    for tag in ds.keys():  # noqa: SIM118 - iterating ds itself would convert and read deferred values
         elem = ds.get_item(tag, keep_deferred=True)
         if not isinstance(elem, RawDataElement):
             continue
@@ -218,13 +229,9 @@ def _check_complete(ds: Dataset, size: int) -> None:
 
 
 def _pixel_count(ds: Dataset) -> int:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an invalid value becomes the rejection's detail instead
-            dims = [int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1),
-                    int(ds.get("SamplesPerPixel") or 1)]
-    except (AttributeError, TypeError, ValueError) as e:
-        raise RejectedInput("unreadable", f"Image Pixel module: {e}"[:300]) from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an invalid value becomes the rejection's detail instead
+        dims = [int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)]
     if min(dims) <= 0:
         raise RejectedInput("empty", f"image dimensions {dims} (rows, columns, frames, samples)")
     return math.prod(dims)
@@ -260,7 +267,7 @@ def _decode_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the outcome is an array or a rejection
-            arr, props = decoder.as_array(ds, **as_pixel_options(ds))  # YBR_FULL(_422) -> RGB here
+            arr, props = decoder.as_array(ds)  # options from ds; YBR_FULL(_422) -> RGB here
     except RuntimeError as e:
         if any(s in str(e).lower() for s in _UNSUPPORTED_BY_PLUGIN):
             raise RejectedInput("decoder_missing", f"{ts.name} ({ts}): {e}; needs {hint}"[:500]) from e
@@ -277,21 +284,21 @@ def _decode_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
 def _grayscale(ds: Dataset, stored: np.ndarray, index: int, frame: int | None, voi: str,
                monochrome1: bool, bits: int) -> DicomImage:
     values, lo, hi = _modality(ds, stored, index)
-    exact = values.dtype == np.int64
+    exact = values.dtype.kind in "iu"
     windows = _windows(ds, index)
     if voi == "apply":
         y = _apply_voi(ds, values, windows, index)
         y = 1.0 - y if monochrome1 else y
         return DicomImage(y.astype(np.float32), frame, "MONOCHROME2", windows, True, exact, bits, monochrome1)
     if monochrome1:
-        values = (lo + hi) - values  # maps [lo, hi] onto itself; exact in int64
+        values = (lo + hi) - values  # maps [lo, hi] onto itself; exact (see _modality)
         windows = [(lo + hi - c, w) for c, w in windows]
     pixels = _to_int_dtype(values, lo, hi) if exact else values.astype(np.float32)
     return DicomImage(pixels, frame, "MONOCHROME2", windows, False, exact, bits, monochrome1)
 
 
 def _modality(ds: Dataset, stored: np.ndarray, index: int) -> tuple[np.ndarray, Any, Any]:
-    """Modality values (int64 when exact, else float64) and their possible range [lo, hi]."""
+    """Modality values (int32/int64 when exact, else float64) and their possible range [lo, hi]."""
     if "ModalityLUTSequence" in ds:
         out_bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
         return apply_modality_lut(stored, ds).astype(np.int64), 0, (1 << out_bits) - 1
@@ -301,18 +308,26 @@ def _modality(ds: Dataset, stored: np.ndarray, index: int) -> tuple[np.ndarray, 
     s_lo, s_hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     lo, hi = sorted((s_lo * slope + intercept, s_hi * slope + intercept))
     if slope.is_integer() and intercept.is_integer() and max(abs(lo), abs(hi)) < 2**53:
-        return stored.astype(np.int64) * int(slope) + int(intercept), int(lo), int(hi)
+        # int32 halves int64's memory traffic; it is exact while anything the decoded container can
+        # hold, rescaled and then mirrored (MONOCHROME1), still fits.
+        c = np.iinfo(stored.dtype)
+        bound = abs(lo + hi) + max(abs(c.min * slope + intercept), abs(c.max * slope + intercept))
+        wide = np.int32 if bound < 2**31 else np.int64
+        values = stored.astype(wide)
+        if slope != 1:
+            values *= int(slope)
+        if intercept != 0:
+            values += int(intercept)
+        return values, int(lo), int(hi)
     return stored.astype(np.float64) * slope + intercept, lo, hi
 
 
 def _rescale(ds: Dataset, index: int) -> tuple[float, float]:
     src = _functional_group(ds, index, "PixelValueTransformationSequence") or ds
     slope, intercept = src.get("RescaleSlope"), src.get("RescaleIntercept")
-    try:
-        slope = 1.0 if slope in (None, "") else float(slope)
-        intercept = 0.0 if intercept in (None, "") else float(intercept)
-    except (TypeError, ValueError) as e:
-        raise RejectedInput("decode_error", f"rescale slope {slope!r} / intercept {intercept!r}: {e}") from e
+    # A non-numeric value raises here and becomes a decode_error in decode_dicom.
+    slope = 1.0 if slope in (None, "") else float(slope)
+    intercept = 0.0 if intercept in (None, "") else float(intercept)
     if slope == 0 or not (math.isfinite(slope) and math.isfinite(intercept)):
         raise RejectedInput("decode_error", f"unusable rescale: slope {slope}, intercept {intercept}")
     return slope, intercept
@@ -332,7 +347,7 @@ def _windows(ds: Dataset, index: int) -> list[tuple[float, float]]:
     centers, widths = src.get("WindowCenter"), src.get("WindowWidth")
     out = []
     for c, w in zip(centers if isinstance(centers, MultiValue) else [centers],
-                    widths if isinstance(widths, MultiValue) else [widths]):
+                    widths if isinstance(widths, MultiValue) else [widths], strict=False):
         # A malformed window is header metadata, not pixels: it is left out and the image kept.
         try:
             c, w = float(c), float(w)
@@ -373,12 +388,9 @@ def _apply_voi(ds: Dataset, values: np.ndarray, windows: list[tuple[float, float
 
 
 def _to_int_dtype(values: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """The narrowest integer dtype for exact modality values.
-
-    8/16-bit types follow the possible range [lo, hi] when it fits, so a series gets one dtype;
-    else this image's values (16-bit signed CT with intercept -1024 has a possible range beyond
-    int16, its real values rarely are); 32-bit types last.
-    """
+    """The narrowest integer dtype: 8/16-bit by the possible range [lo, hi] (one dtype per series),
+    else 16-bit by this image's values (16-bit signed CT with intercept -1024 has a possible range
+    beyond int16, its values rarely are), else 32-bit."""
     vlo, vhi = int(values.min()), int(values.max())
     for a, b, dtypes in ((min(lo, vlo), max(hi, vhi), _INT_DTYPES[:3]), (vlo, vhi, _INT_DTYPES[1:])):
         for dt in dtypes:

@@ -277,24 +277,25 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
     sequences: dict[str, _ShardSequence] = {}
     patients: dict[str, set[str]] = {}
     for src in sources:
-        samples = []
+        samples, encoded = [], []
         try:
             is_photo = Path(src.path).suffix.lower() in PHOTO_SUFFIXES
             samples = _photo_samples(ctx, src) if is_photo else _dicom_samples(ctx, src)
             if not samples:
                 raise RejectedInput("empty", "decoded to no images")
+            encoded = [_encode(ctx, px) for _, _, px in samples]
         except RejectedInput as r:
             result.rejects.append({"path": src.path, "reason": r.reason, "detail": r.detail})
+            samples = []
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - one bad file must not end a million-file run; it is reported
             result.rejects.append({"path": src.path, "reason": "error", "detail": f"{type(e).__name__}: {e}"})
             samples = []
         result.accepted += bool(samples)
-        for key, info, pixels in samples:
+        for (key, info, _), (data, pix) in zip(samples, encoded):
             patient = info["patient"]
             split = ctx.pseudo.split(patient, ctx.cfg.splits)
-            data, pix = encode_pixels(pixels, ctx.cfg.encoding, ctx.cfg.compression_level)
             info["pixels"] = pix
             info["split"] = split
             target = info.pop("target")
@@ -319,6 +320,13 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
     tmp.write_text(json.dumps(result.__dict__))
     os.replace(tmp, marker)  # the marker is written last: its presence means the chunk is complete
     return result
+
+
+def _encode(ctx: _Context, pixels: np.ndarray) -> tuple[bytes, dict[str, Any]]:
+    try:
+        return encode_pixels(pixels, ctx.cfg.encoding, ctx.cfg.compression_level)
+    except ValueError as e:  # e.g. float32 pixels (non-integer rescale) with encoding=png
+        raise RejectedInput("unsupported", str(e)) from None
 
 
 def _label_counts(ctx: _Context, target: Any) -> dict[str, int]:
