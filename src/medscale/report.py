@@ -28,6 +28,9 @@ def print_manifest_summary(manifest: dict[str, Any], seconds: float | None = Non
     took = f" in {seconds:.1f}s" if seconds is not None else ""
     print(f"\n{manifest['inputs']} inputs{took}: {manifest['samples']} samples written, "
           f"{manifest['rejected']} inputs rejected or quarantined (see rejects.jsonl)")
+    if manifest.get("lossy_samples"):
+        print(f"note: {manifest['lossy_samples']} samples had a non-integer rescale and are stored as float32 "
+              "modality values (exact to float32 precision, not bit-exact integers)")
     if manifest["reject_reasons"]:
         print(tabulate(sorted(manifest["reject_reasons"].items()), headers=["reason", "inputs"]))
 

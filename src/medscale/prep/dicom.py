@@ -80,8 +80,6 @@ class DicomImage:
         lossless: False only when a non-integer rescale forced float32 modality values.
         bits_stored: BitsStored of the source pixel data.
         inverted: The source was MONOCHROME1 and has been inverted.
-        rescale: Always None, as every rescale is applied to `pixels`; kept because the prep
-            pipeline still copies it into the sample JSON.
     """
 
     pixels: np.ndarray
@@ -92,7 +90,6 @@ class DicomImage:
     lossless: bool
     bits_stored: int
     inverted: bool = False
-    rescale: tuple[float, float] | None = None
 
 
 def read_dicom(path: str | os.PathLike, *, max_pixels: int = 100_000_000) -> Dataset:

@@ -82,6 +82,7 @@ class _ChunkResult:
     inputs: int = 0
     accepted: int = 0
     samples: int = 0
+    lossy: int = 0
     seconds: float = 0.0
 
 
@@ -179,7 +180,6 @@ def _dicom_samples(ctx: _Context, src: _Source) -> list[tuple[str, dict[str, Any
             "windows": [list(w) for w in img.windows],
             "voi_applied": img.voi_applied,
             "inverted": img.inverted,
-            "rescale": list(img.rescale) if img.rescale else None,
             "lossless": img.lossless,
             "bits_stored": img.bits_stored,
             "meta": meta,
@@ -308,6 +308,7 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
             sequences[split].add(sample, counts)
             patients.setdefault(split, set()).add(patient)
             result.samples += 1
+            result.lossy += not info.get("lossless", True)
         if _PROGRESS is not None:
             with _PROGRESS.get_lock():
                 _PROGRESS.value += 1
@@ -485,6 +486,8 @@ def merge(out: Path) -> dict[str, Any]:
         "inputs": plan["inputs"],
         "accepted_inputs": sum(r["accepted"] for r in results),
         "samples": sum(s["samples"] for s in shards),
+        # Samples whose values are float32 after a non-integer rescale (not bit-exact integers).
+        "lossy_samples": sum(r.get("lossy", 0) for r in results),
         "rejected": len(rejects),
         "reject_reasons": dict(sorted(Counter(x["reason"] for x in rejects).items())),
         "task": plan["task"],
