@@ -89,31 +89,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
+    from medscale.evaluate import run_eval
 
-    run = Path(args.run)
-    ckpt_path = run / "model.pt"
-    if not ckpt_path.exists():
-        raise FileNotFoundError(f"{ckpt_path} not found; `medscale train` writes it at the end of a run")
-    cfg = load_config(RunConfig, run / "config.yaml", args.overrides)
-    from medscale.data.loader import ShardStream
-    from medscale.dist import init_distributed
-    from medscale.evaluate import evaluate
-    from medscale.models import create_model
-
-    dist = init_distributed()
-    model = create_model(cfg.model, img_size=cfg.data.image_size, in_chans=cfg.data.channels)
-    model.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"])
-    split = args.split or cfg.data.test_split
-    stream = ShardStream(cfg.data.shards, split, cfg.data, micro_batch=cfg.eval.micro_batch_size,
-                         rank=dist.rank, world=dist.world, train=False, seed=cfg.train.seed)
-    result = evaluate(model, stream, cfg, torch.float32, torch.device("cpu"))
-    if dist.is_main:
-        out = Path(args.output or run / f"eval_{split}.json")
-        out.write_text(json.dumps(result, indent=1))
-        from medscale.report import print_eval
-
-        print_eval(result, title=f"{split} ({out})")
+    run_eval(args.run, args.overrides, split=args.split, output=args.output)
     return 0
 
 
@@ -180,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--split", help="manifest split (default: data.test_split)")
     pe.add_argument("--output", help="where to write the metrics JSON")
     pe.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. eval.bootstrap=1000")
+    pe.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # some launchers pass it
     pe.set_defaults(func=cmd_eval)
 
     pi = sub.add_parser("inspect", help="summarise shards, verify checksums, dump sample PNGs",

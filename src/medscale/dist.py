@@ -13,7 +13,8 @@ import torch.distributed as torch_dist
 if TYPE_CHECKING:
     from medscale.config import RunConfig
 
-__all__ = ["DistInfo", "relaunch", "launched", "env_from_slurm", "init_distributed", "barrier", "all_gather_objects"]
+__all__ = ["DistInfo", "relaunch", "launched", "env_from_slurm", "first_host", "init_distributed", "barrier",
+           "all_gather_objects"]
 
 
 @dataclass(frozen=True)
@@ -27,35 +28,72 @@ class DistInfo:
         return self.rank == 0
 
 
+def _in_srun_step() -> bool:
+    """True in a task that srun started (the batch script itself has no SLURM_STEP_ID)."""
+    return "SLURM_PROCID" in os.environ and ("SLURM_STEP_ID" in os.environ or "SLURM_STEPID" in os.environ)
+
+
 def launched() -> bool:
     """True inside a launcher that already set up ranks (deepspeed, torchrun, srun with >1 task)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return True
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ
+    return _in_srun_step() and _slurm_tasks() > 1
+
+
+def _slurm_tasks() -> int:
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list, e.g. ``gpu[003-005,9],cpu1`` -> ``gpu003``."""
+    head = ""
+    depth = 0
+    for ch in nodelist:  # the first comma outside brackets ends the first entry
+        if ch == "," and depth == 0:
+            break
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        head += ch
+    if "[" not in head:
+        return head.strip()
+    prefix, rest = head.split("[", 1)
+    first = rest.split("]", 1)[0].split(",")[0].split("-")[0]
+    return prefix.strip() + first
 
 
 def env_from_slurm() -> None:
-    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR from SLURM_* when srun started us directly."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM_* when srun started us directly.
+
+    Leaves a launcher's variables alone, and does nothing in the batch script itself (which has
+    SLURM_PROCID=0 but is not one of the step's tasks).
+    """
+    if "RANK" in os.environ or not _in_srun_step():
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["WORLD_SIZE"] = str(_slurm_tasks())
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in os.environ:
         nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
         first = ""
         if nodes:
             try:
-                out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+                out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                     check=True, timeout=30)
                 first = out.stdout.split()[0]
-            except (OSError, subprocess.CalledProcessError, IndexError):
-                first = ""
+            except (OSError, subprocess.SubprocessError, IndexError):
+                first = first_host(nodes)  # no scontrol on this node: parse the list ourselves
         os.environ["MASTER_ADDR"] = first or "127.0.0.1"
-    os.environ.setdefault("MASTER_PORT", "29500")
+    # One port per job, the same on every task, so that jobs sharing a node do not collide.
+    job = os.environ.get("SLURM_JOB_ID", "")
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(job) % 20000) if job.isdigit() else "29500")
 
 
-def init_distributed() -> DistInfo:
-    """Initialise torch.distributed (NCCL on GPU, gloo on CPU) through DeepSpeed, single process included."""
+def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+    """Initialise torch.distributed (NCCL on GPU, gloo on CPU) through DeepSpeed, single process included.
+
+    Works the same under the deepspeed launcher, torchrun, srun (ranks from SLURM_*) or no launcher.
+    """
+    from datetime import timedelta
+
     import deepspeed
 
     env_from_slurm()
@@ -63,11 +101,11 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
-    if not torch_dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=None, verbose=False)
     local = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
-        torch.cuda.set_device(local % torch.cuda.device_count())
+        torch.cuda.set_device(local % torch.cuda.device_count())  # before NCCL binds a device
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=None, verbose=False, timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), local)
 
 

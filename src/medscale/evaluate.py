@@ -3,11 +3,15 @@
 Each rank predicts its share (padding samples flagged ``valid=False`` are dropped), the
 predictions are gathered with their sample keys, duplicates are removed by key and counted,
 and the metrics (AUROC, AUPRC, sensitivity/specificity, calibration, bootstrap CIs by patient)
-are computed once on the full set.
+are computed once on the full set, optionally also with predictions pooled per patient or study.
+`run_eval` is `medscale eval`: a finished run's weights (the EMA when there is one) on a split.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,9 +20,11 @@ import torch
 from medscale.config import RunConfig
 from medscale.data.loader import ShardStream, make_loader
 from medscale.dist import all_gather_objects
-from medscale.metrics import classification_metrics
+from medscale.metrics import aggregate_by_group, classification_metrics
 
-__all__ = ["predict", "evaluate"]
+__all__ = ["predict", "evaluate", "load_run_model", "run_eval"]
+
+log = logging.getLogger("medscale.evaluate")
 
 
 @torch.no_grad()
@@ -28,27 +34,39 @@ def predict(model: Any, stream: ShardStream, dtype: torch.dtype, device: torch.d
     model.eval()
     keys: list[str] = []
     patients: list[str] = []
+    studies: list[str] | None = []
     probs, targets = [], []
     for batch in make_loader(stream):
         logits = model(batch["image"].to(device=device, dtype=dtype)).float()
         p = torch.sigmoid(logits) if stream.task == "multilabel" else torch.softmax(logits, dim=-1)
         valid = batch["valid"]
+        mask = valid.tolist()
         probs.append(p.cpu()[valid])
         targets.append(batch["target"][valid])
-        keys += [k for k, v in zip(batch["key"], valid.tolist()) if v]
-        patients += [k for k, v in zip(batch["patient"], valid.tolist()) if v]
+        keys += [k for k, v in zip(batch["key"], mask) if v]
+        patients += [k for k, v in zip(batch["patient"], mask) if v]
+        if studies is not None and "study" in batch:
+            studies += [k for k, v in zip(batch["study"], mask) if v]
+        else:
+            studies = None  # the loader does not pass study ids
     model.train(was_training)
-    return {"keys": keys, "patients": patients,
+    return {"keys": keys, "patients": patients, "studies": studies,
             "probs": torch.cat(probs).numpy() if probs else np.zeros((0, 0), np.float32),
             "targets": torch.cat(targets).numpy() if targets else np.zeros((0,), np.int64)}
 
 
 def evaluate(model: Any, stream: ShardStream, cfg: RunConfig, dtype: torch.dtype,
              device: torch.device) -> dict[str, Any]:
-    """Metrics over the whole split, identical on every rank."""
+    """Metrics over the whole split, identical on every rank (all ranks must call it).
+
+    Raises:
+        RuntimeError: the ranks together saw another number of distinct samples than the
+            manifest holds for the split (a loader bug must not hide in the metrics).
+    """
     parts = all_gather_objects(predict(model, stream, dtype, device))
     seen: dict[str, int] = {}
-    probs, targets, patients = [], [], []
+    probs, targets, patients, studies = [], [], [], []
+    have_studies = all(part["studies"] is not None for part in parts)
     duplicates = 0
     for part in parts:
         for i, key in enumerate(part["keys"]):
@@ -59,16 +77,83 @@ def evaluate(model: Any, stream: ShardStream, cfg: RunConfig, dtype: torch.dtype
             probs.append(part["probs"][i])
             targets.append(part["targets"][i])
             patients.append(part["patients"][i])
+            if have_studies:
+                studies.append(part["studies"][i])
     if not probs:
         raise RuntimeError(f"evaluation of split {stream.split!r} saw no samples")
-    result = classification_metrics(
-        np.stack(probs), np.stack(targets), task=stream.task,
-        class_names=stream.manifest.get("classes") or None,
-        at_specificity=cfg.eval.at_specificity or None,
-        n_bootstrap=cfg.eval.bootstrap, groups=patients, seed=cfg.train.seed,
-    )
-    result.update({"split": stream.split, "n_patients": len(set(patients)), "duplicates_dropped": duplicates,
-                   "expected_samples": stream.samples})
     if len(seen) != stream.samples:
         raise RuntimeError(f"evaluation saw {len(seen)} distinct samples of split {stream.split!r}, manifest says {stream.samples}")
+    p, t = np.stack(probs), np.stack(targets)
+    e = cfg.eval
+    options = dict(task=stream.task, class_names=stream.manifest.get("classes") or None,
+                   threshold=e.threshold, at_specificity=e.at_specificity or None, n_bootstrap=e.bootstrap,
+                   seed=cfg.train.seed)
+    result = classification_metrics(p, t, groups=patients, **options)
+    result.update({"split": stream.split, "n_patients": len(set(patients)), "duplicates_dropped": duplicates,
+                   "expected_samples": stream.samples})
+    if e.aggregate != "none":
+        if e.aggregate == "study" and not have_studies:
+            raise ValueError("eval.aggregate=study needs a study id per sample, and the loader passes none; "
+                             "use eval.aggregate=patient")
+        groups = studies if e.aggregate == "study" else patients
+        pooled, pooled_t, names = _pool(p, t, groups, stream.task, e.aggregate, e.aggregate_how)
+        level = classification_metrics(pooled, pooled_t, **options)  # each group is its own bootstrap unit
+        level.update({"n_groups": len(names), "pooling": e.aggregate_how})
+        result[f"{e.aggregate}_level"] = level
+    return result
+
+
+def _pool(probs: np.ndarray, targets: np.ndarray, groups: list[str], task: str, level: str,
+          how: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Predictions pooled per group. A binary task's group is positive if any of its images is."""
+    binary = task == "multiclass" and probs.shape[1] == 2
+    t = np.eye(2, dtype=np.int64)[targets] if binary else targets  # one-hot: pooled as "any positive"
+    try:
+        pooled, pooled_t, names = aggregate_by_group(probs, t, groups, how=how)
+    except ValueError as e:
+        raise ValueError(f"eval.aggregate={level}: {e}; {level}-level metrics need one label per {level} "
+                         "(or a binary or multilabel task)") from e
+    return pooled, (pooled_t[:, 1] if binary else pooled_t), names
+
+
+def load_run_model(run: Path, cfg: RunConfig, use_ema: bool | None = None) -> torch.nn.Module:
+    """The model of a finished run (``RUN/model.pt``): its EMA weights when present and wanted."""
+    from medscale.models import create_model
+
+    ckpt_path = run / "model.pt"
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"{ckpt_path} not found; `medscale train` writes it at the end of a run")
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    use_ema = cfg.eval.use_ema if use_ema is None else use_ema
+    key = "model_ema" if use_ema and "model_ema" in saved else "model"
+    model = create_model(cfg.model, img_size=cfg.data.image_size, in_chans=cfg.data.channels)
+    model.load_state_dict(saved[key])
+    log.info("evaluating %s weights of %s", "EMA" if key == "model_ema" else "trained", ckpt_path)
+    return model
+
+
+def run_eval(run: str | Path, overrides: list[str] | tuple[str, ...] = (), split: str | None = None,
+             output: str | Path | None = None) -> dict[str, Any]:
+    """`medscale eval`: evaluate a finished run on a split, on every rank of the launcher (or one).
+
+    Writes ``RUN/eval_<split>.json`` (or `output`) on rank 0 and returns the metrics.
+    """
+    from medscale.config import load_config
+    from medscale.dist import init_distributed
+
+    run = Path(run)
+    cfg = load_config(RunConfig, run / "config.yaml", overrides)
+    dist = init_distributed()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model = load_run_model(run, cfg).to(device)
+    split = split or cfg.data.test_split
+    stream = ShardStream(cfg.data.shards, split, cfg.data, micro_batch=cfg.eval.micro_batch_size,
+                         rank=dist.rank, world=dist.world, train=False, seed=cfg.train.seed)
+    result = evaluate(model, stream, cfg, torch.float32, device)
+    if dist.is_main:
+        out = Path(output or run / f"eval_{split}.json")
+        out.write_text(json.dumps(result, indent=1))
+        from medscale.report import print_eval
+
+        print_eval(result, title=f"{split} ({out})")
     return result

@@ -28,11 +28,15 @@ def create_model(cfg: ModelConfig, *, img_size: int, in_chans: int) -> nn.Module
     if not timm.is_model(cfg.name):
         close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:8]
         raise ValueError(f"model.name={cfg.name!r} is not a timm model; similar: {close}")
-    kwargs: dict = {"num_classes": cfg.num_classes, "in_chans": in_chans, "drop_path_rate": cfg.drop_path_rate}
-    # img_size/patch_size exist only for some families; pass them only where the model takes them.
+    kwargs: dict = {"num_classes": cfg.num_classes, "in_chans": in_chans}
+    # img_size/patch_size/drop_path_rate exist only for some families; pass them only where taken.
     cls_params = _constructor_params(cfg.name)
     if "img_size" in cls_params:
         kwargs["img_size"] = img_size
+    if cfg.drop_path_rate:
+        if "drop_path_rate" not in cls_params:
+            raise ValueError(f"model.drop_path_rate is set but {cfg.name} has no stochastic depth")
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
     if cfg.patch_size:
         if "patch_size" not in cls_params:
             raise ValueError(f"model.patch_size is set but {cfg.name} takes no patch_size")
@@ -41,6 +45,8 @@ def create_model(cfg: ModelConfig, *, img_size: int, in_chans: int) -> nn.Module
     if cfg.weights:
         load_weights(model, cfg.weights)
     if cfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"model.grad_checkpointing is set but {cfg.name} does not support it")
         model.set_grad_checkpointing(True)
     return model
 
@@ -57,14 +63,43 @@ def _constructor_params(name: str) -> set[str]:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a local checkpoint, resizing position embeddings and dropping a mismatched head.
+    """Load a local checkpoint, adapting what differs in shape and refusing what does not fit.
 
-    Accepts safetensors, a bare state dict, or a dict holding one under ``state_dict``,
-    ``model`` or ``module`` (timm, torch and DeepSpeed-consolidated files).
+    Accepts safetensors, a bare state dict, or a dict holding one under ``state_dict``, ``model``
+    or ``module`` (timm, torch and DeepSpeed-consolidated files; a DDP ``module.`` prefix is
+    stripped). Absolute position embeddings are resampled to the model's grid, a first layer
+    trained on another number of input channels is adapted (timm's ``adapt_input_conv``), and a
+    head of another shape (number of classes) is left freshly initialised.
+
+    Raises:
+        FileNotFoundError: the file does not exist (weights are never downloaded).
+        ValueError: weights other than the head are missing or do not fit.
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model.weights file {p} does not exist (weights are never downloaded)")
+    state = _read_state(p)
+    own = model.state_dict()
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        from timm.layers import resample_abs_pos_embed
+
+        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        grid = model.patch_embed.grid_size
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(grid), num_prefix_tokens=prefix)
+        log.info("resized pos_embed to grid %s", grid)
+    _adapt_first_conv(model, state, own)
+    dropped = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    for k in dropped:
+        del state[k]  # e.g. a head for another number of classes: keep the fresh one
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    log.info("loaded %s: reset %s, missing %d, unexpected %d", p, dropped, len(missing), len(unexpected))
+    head = _head_prefixes(model)
+    bad = [k for k in missing if not k.startswith(head)]
+    if bad:
+        raise ValueError(f"weights {p} do not fit {type(model).__name__}: missing or mis-shaped {bad[:5]}")
+
+
+def _read_state(p: Path) -> dict[str, torch.Tensor]:
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -74,19 +109,36 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         for k in ("state_dict", "model", "module"):
             if isinstance(state, dict) and k in state and isinstance(state[k], dict):
                 state = state[k]
-    own = model.state_dict()
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        from timm.layers import resample_abs_pos_embed
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights {p} hold no state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
 
-        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-        grid = model.patch_embed.grid_size
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(grid), num_prefix_tokens=prefix)
-        log.info("resized pos_embed to grid %s", grid)
-    dropped = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
-    for k in dropped:
-        del state[k]  # e.g. a head for another number of classes: keep the fresh one
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    log.info("loaded %s: reset %s, missing %d, unexpected %d", p, dropped, len(missing), len(unexpected))
-    bad = [k for k in missing if not k.startswith(("head", "fc", "classifier"))]
-    if bad:
-        raise ValueError(f"weights {p} do not fit {type(model).__name__}: missing {bad[:5]}")
+
+def _adapt_first_conv(model: nn.Module, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    """Fit the first layer to the model: other input channels (summed or repeated filters) or, for a
+    ViT patch embedding, another patch size (FlexiViT-style resampling)."""
+    from timm.layers import resample_patch_embed
+    from timm.models import adapt_input_conv
+
+    first = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    names = first if isinstance(first, (list, tuple)) else [first] if first else []
+    for name in names:
+        key = f"{name}.weight"
+        if key not in state or key not in own or state[key].ndim != 4 or state[key].shape[0] != own[key].shape[0]:
+            continue
+        have, want = state[key].shape, own[key].shape
+        if have[1] != want[1]:
+            state[key] = adapt_input_conv(want[1], state[key])
+            log.info("adapted %s from %d to %d input channels", key, have[1], want[1])
+        if have[2:] != want[2:] and name.startswith("patch_embed"):
+            state[key] = resample_patch_embed(state[key], list(want[2:]))
+            log.info("resampled %s from %s to %s patches", key, tuple(have[2:]), tuple(want[2:]))
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+    names = classifier if isinstance(classifier, (list, tuple)) else [classifier] if classifier else []
+    return tuple(names) + ("head", "fc", "classifier")

@@ -1,0 +1,178 @@
+"""`medscale train` end to end in real processes: exact resume from the newest complete checkpoint
+(one process, and 2 ZeRO-3 ranks with EMA), non-finite losses skipped on the real engine, and
+`medscale eval` (run_eval) on a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import write_shards
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train") / "shards"
+    write_shards(root, {"train": [20, 20, 8], "val": [6], "test": [12]}, size=16)
+    return root
+
+
+def _config(tmp: Path, shards: Path, **train) -> Path:
+    config = {
+        "data": {"shards": str(shards), "image_size": 16, "channels": 1, "num_workers": 1, "shuffle_buffer": 16},
+        "model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},
+        "train": {"steps": 6, "micro_batch_size": 4, "warmup_steps": 2, "log_every": 1, "precision": "fp32",
+                  "ema_decay": 0.7, **train},
+        "dist": {"nproc": 1, "deepspeed_config": str(ROOT / "ds_configs" / "cpu_zero2.json")},
+        "eval": {"micro_batch_size": 4, "bootstrap": 10, "aggregate": "patient"},
+        "checkpoint": {"every_steps": 2, "keep": 3},
+    }
+    path = tmp / f"run{len(list(tmp.glob('run*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _train(config: Path, out: Path, *extra: str, launcher: list[str] | None = None) -> str:
+    cmd = [*(launcher or [sys.executable, "-m"]), "medscale.cli", "train", "--config", str(config), f"out_dir={out}",
+           *extra]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    return r.stdout + r.stderr
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+def _kill_after(out: Path, step: int) -> None:
+    """Leave the run as a kill after `step` would: newer checkpoints gone or torn, no final files."""
+    ckpts = out / "checkpoints"
+    for d in ckpts.glob("step*"):
+        if int(d.name[4:]) > step:
+            shutil.rmtree(d)
+    torn = ckpts / f"step{step + 1:08d}"  # DeepSpeed's files written, the completion marker not
+    shutil.copytree(ckpts / f"step{step:08d}", torn)
+    (torn / "complete.json").unlink()
+    for f in ("model.pt", "eval.json"):
+        (out / f).unlink()
+    rows = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
+
+
+def test_resume_continues_exactly(tmp_path, shards):
+    """Killed after step 4 (a torn checkpoint 5 on disk), the rerun of the same command continues from
+    checkpoint 4 and trains steps 5-6 exactly as the uninterrupted run did: weights, optimizer,
+    schedule, EMA, loader position and RNG all came back."""
+    config = _config(tmp_path, shards)
+    whole = tmp_path / "whole"
+    _train(config, whole)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    _kill_after(resumed, 4)
+    log = _train(config, resumed)
+    assert "resumed from" in log and "step00000004" in log
+    assert _losses(resumed) == _losses(whole)
+    a = torch.load(whole / "model.pt", weights_only=True)
+    b = torch.load(resumed / "model.pt", weights_only=True)
+    for part in ("model", "model_ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
+    result = json.loads((resumed / "eval.json").read_text())
+    assert result == json.loads((whole / "eval.json").read_text())
+    assert result["weights"] == "ema" and result["patient_level"]["n_groups"] == result["n_patients"]
+
+    # `medscale eval` on the finished run: the EMA weights, the same metrics as at the end of training
+    out = tmp_path / "eval_test.json"
+    code = (f"from medscale.evaluate import run_eval; run_eval({str(whole)!r}, output={str(out)!r})")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads(out.read_text())
+    assert again["auroc"] == pytest.approx(result["auroc"]) and again["n_samples"] == result["n_samples"]
+
+
+def test_zero3_two_ranks_resume_with_ema(tmp_path, shards):
+    """2 ZeRO-3 ranks under torchrun: each rank's EMA partition goes into the checkpoint consolidated and
+    comes back into the partitions on resume."""
+    config = _config(tmp_path, shards, steps=4)
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m"]
+    zero3 = f"dist.deepspeed_config={ROOT / 'ds_configs' / 'cpu_zero3.json'}"
+    whole = tmp_path / "whole"
+    assert "2 ranks" in _train(config, whole, zero3, launcher=torchrun)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    _kill_after(resumed, 2)
+    torchrun[4] = str(_free_port())
+    assert "step00000002" in _train(config, resumed, zero3, launcher=torchrun)
+    assert _losses(resumed) == pytest.approx(_losses(whole), rel=1e-6, abs=1e-7)
+    a = torch.load(whole / "model.pt", weights_only=True)["model_ema"]
+    b = torch.load(resumed / "model.pt", weights_only=True)["model_ema"]
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+NONFINITE = r"""
+import torch
+from medscale.config import RunConfig, from_dict
+from medscale.dist import init_distributed
+from medscale.engine import NumericsGuard, build_engine, resolve_ds_config
+from medscale.losses import build_loss
+from medscale.models import create_model
+from medscale.train import train_step
+
+init_distributed()
+cfg = from_dict(RunConfig, {"model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},
+                            "train": {"micro_batch_size": 4, "grad_accum": 2, "precision": "fp32", "max_nonfinite": 2}})
+engine = build_engine(create_model(cfg.model, img_size=16, in_chans=1), cfg, 1,
+                      resolve_ds_config(cfg, 1, "ds_configs/cpu_zero2.json"))
+guard, loss_fn = NumericsGuard(engine, cfg.train, 1), build_loss(cfg.train, {})
+good = {"image": torch.randn(4, 1, 16, 16), "target": torch.tensor([0, 1, 0, 1]), "valid": torch.ones(4, dtype=torch.bool)}
+bad = dict(good, image=torch.full((4, 1, 16, 16), float("nan")))
+before = [p.detach().clone() for p in engine.module.parameters()]
+r1 = train_step(engine, good, loss_fn, guard)      # first micro-batch of the step
+r2 = train_step(engine, bad, loss_fn, guard)       # skipped: no backward, no step
+assert r1.loss is not None and not r1.stepped and r2 == (None, False), (r1, r2)
+assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+r3 = train_step(engine, good, loss_fn, guard)      # completes the accumulation: one clean step
+assert r3.stepped and engine.global_steps == 1 and engine.was_step_applied()
+assert all(torch.isfinite(p).all() for p in engine.module.parameters())
+train_step(engine, bad, loss_fn, guard)
+try:
+    train_step(engine, bad, loss_fn, guard)
+except FloatingPointError as e:
+    print("STOPPED:", e)
+"""
+
+
+def test_nonfinite_loss_skips_micro_batch_then_stops(tmp_path):
+    r = subprocess.run([sys.executable, "-c", NONFINITE], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "STOPPED: 2 non-finite losses in a row" in r.stdout
