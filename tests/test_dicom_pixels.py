@@ -296,7 +296,8 @@ def test_too_large_decided_from_header(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_large_pixel_data_is_deferred(tmp_path: Path) -> None:
-    stored = (np.arange(512 * 512) % 4096).astype(np.uint16).reshape(512, 512)
+    # 2048 x 2048 x 16 bit = 8 MiB: above the defer size, so it stays on disk until decoded
+    stored = (np.arange(2048 * 2048) % 4096).astype(np.uint16).reshape(2048, 2048)
     ds = read_dicom(write_image(tmp_path / "big.dcm", stored))
     assert ds.get_item("PixelData", keep_deferred=True).value is None  # not read yet
     (img,) = decode_dicom(ds)
