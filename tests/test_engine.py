@@ -379,7 +379,10 @@ def test_ranks_from_srun_environment(monkeypatch):
     from medscale.dist import env_from_slurm, launched
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        # setenv first so that teardown removes what env_from_slurm writes (a bare delenv of an
+        # absent variable records nothing, and RANK=3 would leak into later tests)
+        monkeypatch.setenv(k, "unset")
+        monkeypatch.delenv(k)
     monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the node list is parsed here
     # the batch script itself: SLURM_PROCID=0 of a 4-task job, but not a task of a step
     for k, v in (("SLURM_JOB_ID", "123457"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4"),

@@ -70,8 +70,33 @@ class DataConfig:
     """Intensity normalisation when no window applies (window implies windows is set)."""
     num_workers: int = 1
     """Data-loader worker processes per rank."""
-    shuffle_buffer: int = 512
-    """Samples held in the shuffle buffer of each worker."""
+    shuffle_buffer: int = 65536
+    """Samples mixed by the shuffle: each epoch permutes the shards, groups them into blocks of whole
+    shards holding at least this many samples and permutes the samples inside each block. It sets the
+    order, not memory; bigger blocks give each rank fewer shards to open."""
+    max_corrupt_fraction: float = 0.01
+    """Stop training when an epoch's corrupt samples, summed over ranks, exceed this fraction of the split."""
+    class_balance: float = 0.0
+    """Class-balanced sampling: each epoch draws N samples with weight count(class)**-class_balance
+    (0 off, 1 equal classes, 0.5 square root); a multi-label sample counts as its rarest finding."""
+    cache_dir: str = ""
+    """Node-local directory for remote shards (http, s3, pipe:): each is downloaded once per node."""
+    augment: bool = True
+    """Training augmentation on or off (off: resize only, as in evaluation)."""
+    crop_scale: float = 0.8
+    """Random resized crop keeps between this fraction and all of the image area (1 disables)."""
+    rotate_degrees: float = 7.0
+    """Random rotation range in degrees (0 disables)."""
+    translate: float = 0.03
+    """Random shift as a fraction of the image size (0 disables)."""
+    vflip: bool = False
+    """Random vertical flips. Off by default: anatomy has an up and a down."""
+    brightness: float = 0.0
+    """Random additive brightness in [-b, b] on the [0, 1] image (0 disables)."""
+    contrast: float = 0.0
+    """Random contrast factor in [1 - c, 1 + c] around the image mean (0 disables)."""
+    gamma: float = 0.0
+    """Random gamma in [1/(1+g), 1+g], log-uniform (0 disables; not applied to z-scored images)."""
     hflip: bool = False
     """Random horizontal flips. Off by default: laterality matters in chest X-ray and many CTs."""
 
@@ -236,6 +261,20 @@ class RunConfig:
         for i, w in enumerate(self.data.windows):
             if len(w) != 2 or w[1] <= 0:
                 raise ConfigError(f"data.windows[{i}] must be [center, width>0], got {w}")
+        d = self.data
+        if not 0 <= d.max_corrupt_fraction <= 1:
+            raise ConfigError(f"data.max_corrupt_fraction must be in [0, 1], got {d.max_corrupt_fraction}")
+        if d.class_balance < 0:
+            raise ConfigError(f"data.class_balance must be >= 0, got {d.class_balance}")
+        if not 0 < d.crop_scale <= 1:
+            raise ConfigError(f"data.crop_scale must be in (0, 1], got {d.crop_scale}")
+        for key in ("rotate_degrees", "translate", "brightness", "contrast", "gamma"):
+            if getattr(d, key) < 0:
+                raise ConfigError(f"data.{key} must be >= 0, got {getattr(d, key)}")
+        if d.contrast >= 1:
+            raise ConfigError(f"data.contrast must be < 1, got {d.contrast}")
+        if len(d.windows) > 1 and len(d.windows) != d.channels:
+            raise ConfigError(f"data.windows has {len(d.windows)} windows; data.channels must match, got {d.channels}")
         if self.data.normalize == "window" and not self.data.windows:
             raise ConfigError("data.normalize=window needs data.windows, e.g. [[40, 400]]")
         t = self.train

@@ -1,1 +1,8 @@
-"""Streaming input for training: shards to batches."""
+"""Streaming input for training: shards to batches.
+
+- `medscale.data.manifest`: where the shards are (prep manifests, local, patterns, remote).
+- `medscale.data.order`: the epoch's global order and its split over ranks (pure functions).
+- `medscale.data.reader`: raw samples by (shard, index): random access, download cache, streams.
+- `medscale.data.transforms`: pixels to tensors (windows, normalisation, augmentation).
+- `medscale.data.loader`: `ShardStream`, `make_loader`: batches, resume state, corrupt accounting.
+"""
