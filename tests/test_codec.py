@@ -19,7 +19,7 @@ def test_round_trip_exact_2d(encoding, dtype):
     assert np.array_equal(out, arr)
 
 
-@pytest.mark.parametrize("encoding", ["zstd", "zlib"])
+@pytest.mark.parametrize("encoding", ["zstd", "lz4", "zlib"])
 @pytest.mark.parametrize("dtype", ["int32", "uint32", "float32", "int8"])
 def test_round_trip_exact_volumes_and_wide_types(encoding, dtype):
     rng = np.random.default_rng(1)
