@@ -89,10 +89,12 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_every_shipped_config_and_recipe_loads():
-    for p in sorted((ROOT / "configs").glob("*.yaml")):
-        load_config(RunConfig, p)
-    for p in sorted((ROOT / "data_prep").glob("*.yaml")):
-        load_config(PrepConfig, p)
+    runs = [load_config(RunConfig, p) for p in sorted((ROOT / "configs").glob("*.yaml"))]
+    recipes = [load_config(PrepConfig, p) for p in sorted((ROOT / "data_prep").glob("*.yaml"))]
+    assert len(runs) >= 3 and len(recipes) >= 5
+    # every run config names a DeepSpeed JSON that ships with the repo
+    for cfg in runs:
+        assert (ROOT / cfg.dist.deepspeed_config).exists(), cfg.dist.deepspeed_config
 
 
 def test_cli_rejects_bad_value_before_any_process_starts(tmp_path):
