@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import webdataset as wds
@@ -126,11 +126,11 @@ def discover_inputs(inputs: Sequence[str], include: Sequence[str]) -> list[_Sour
 class _Context:
     """Per-process state: built once per worker, not once per file."""
 
-    def __init__(self, job: PrepJob):
+    def __init__(self, job: PrepJob, labels: LabelTable | None):
         self.job = job
         self.cfg = job.cfg
         self.pseudo = Pseudonymizer(job.key)
-        self.labels: LabelTable | None = load_labels(job.cfg, job.labels_csv) if job.labels_csv else None
+        self.labels = labels
         self.ext = extension_for(job.cfg.encoding)
 
 
@@ -260,9 +260,9 @@ _CTX: _Context | None = None
 _PROGRESS: Any = None
 
 
-def _init_worker(job: PrepJob, progress: Any) -> None:
+def _init_worker(job: PrepJob, labels: LabelTable | None, progress: Any) -> None:
     global _CTX, _PROGRESS
-    _CTX, _PROGRESS = _Context(job), progress
+    _CTX, _PROGRESS = _Context(job, labels), progress
 
 
 def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
@@ -404,13 +404,14 @@ def run_prep(job: PrepJob, *, progress: bool | None = None) -> dict[str, Any] | 
     todo_inputs = sum(len(c[1]) for c in chunks)
     log.info("prep: %d inputs, %d chunks for this task (%d already done)", len(sources), len(chunks),
              len([i for i in range(plan["chunks"]) if i % job.num_tasks == job.task_index]) - len(chunks))
-    _run_chunks(job, chunks, todo_inputs, progress if progress is not None else sys.stderr.isatty())
+    _run_chunks(job, labels, chunks, todo_inputs, progress if progress is not None else sys.stderr.isatty())
     if job.num_tasks == 1:
         return merge(job.out)
     return None
 
 
-def _run_chunks(job: PrepJob, chunks: list[tuple[int, list[_Source]]], total: int, bar: bool) -> None:
+def _run_chunks(job: PrepJob, labels: LabelTable | None, chunks: list[tuple[int, list[_Source]]], total: int,
+                bar: bool) -> None:
     from tqdm import tqdm
 
     counter = mp.Value("q", 0)
@@ -425,13 +426,14 @@ def _run_chunks(job: PrepJob, chunks: list[tuple[int, list[_Source]]], total: in
             last_log = time.monotonic()
 
     if job.workers <= 1:
-        _init_worker(job, counter)
+        _init_worker(job, labels, counter)
         for c in chunks:
             _process_chunk(c)
             report()
     else:
-        # fork keeps start-up cheap; each worker builds its context (key, labels) once.
-        with mp.get_context("fork").Pool(job.workers, initializer=_init_worker, initargs=(job, counter)) as pool:
+        # fork keeps start-up cheap: workers inherit the parsed labels instead of re-reading the CSV.
+        with mp.get_context("fork").Pool(job.workers, initializer=_init_worker,
+                                         initargs=(job, labels, counter)) as pool:
             pending = pool.map_async(_process_chunk, chunks, chunksize=1)
             while not pending.ready():
                 pending.wait(0.5)
@@ -516,10 +518,3 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def iter_rejects(out: Path) -> Iterable[dict[str, Any]]:
-    """The rejected or quarantined inputs of a finished prep."""
-    with open(Path(out) / "rejects.jsonl") as f:
-        for line in f:
-            yield json.loads(line)
