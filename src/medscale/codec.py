@@ -30,6 +30,7 @@ __all__ = ["ENCODINGS", "encode_pixels", "decode_pixels", "extension_for"]
 
 ENCODINGS = ("zstd", "lz4", "zlib", "png")
 _EXT = {"zstd": "pix.zst", "lz4": "pix.lz4", "zlib": "pix.zlib", "png": "pix.png"}
+_BY_EXT = {v: k for k, v in _EXT.items()}
 _MAGIC = b"MSPX"
 _DTYPES = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"]
 _FILTER_NONE, _FILTER_DELTA = 0, 2
@@ -134,7 +135,7 @@ def decode_pixels(data: bytes, encoding: str, info: dict[str, Any] | None = None
         encoding: the encoding (or the member extension such as ``pix.zst``).
         info: the dict `encode_pixels` returned; needed for PNG (dtype and offset).
     """
-    encoding = {v: k for k, v in _EXT.items()}.get(encoding, encoding)
+    encoding = _BY_EXT.get(encoding, encoding)
     if encoding == "png":
         return _decode_png(data, info or {})
     if data[:4] != _MAGIC:
