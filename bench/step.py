@@ -134,6 +134,10 @@ def main() -> None:
         "ratio_of_medians": round(m / b, 4),
         "ratio_vs_deepspeed": round(paired, 4),  # median of the per-step ratios of adjacent steps
     }
+    from medscale.dist import shutdown
+
+    del engine, bare
+    shutdown()
     print(json.dumps(figures))
 
 

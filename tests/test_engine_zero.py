@@ -122,6 +122,10 @@ def _rank_main(out: str, names: list[str]) -> None:
                          "world": dist.world}
     if dist.rank == 0:
         Path(out).write_text(json.dumps(results))
+    from medscale.dist import shutdown
+
+    del engine, ema, guard
+    shutdown()
 
 
 # -- the reference ----------------------------------------------------------------------------------

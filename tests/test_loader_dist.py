@@ -79,7 +79,9 @@ def _rank_main(a: dict) -> None:
         emit({"pass": p["name"], "done": True, "batches": n, "all": [int(c) for c in counts],
               "expected": s.batches_per_epoch(), "remaining_at_start": len(s) if not p["train"] else None})
     emit({"exit": True})
-    dist.destroy_process_group()
+    from medscale.dist import shutdown
+
+    shutdown()  # the loader's count all-reduce must not leave a group alive at exit (gloo aborts)
 
 
 # -- helpers for the tests --------------------------------------------------------------------------

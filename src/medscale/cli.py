@@ -82,16 +82,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not launched() and cfg.dist.nproc > 1:
         return relaunch(cfg, ["train"])
+    from medscale.dist import shutdown
     from medscale.train import train
 
     train(cfg)
+    shutdown()  # before interpreter exit, or gloo may abort a rank that has finished (see shutdown)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from medscale.dist import shutdown
     from medscale.evaluate import run_eval
 
     run_eval(args.run, args.overrides, split=args.split, output=args.output)
+    shutdown()
     return 0
 
 

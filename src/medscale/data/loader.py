@@ -433,17 +433,13 @@ def _sum_over_ranks(value: int, world: int) -> int:
     """``value`` summed over ranks on a gloo group (its own, so NCCL defaults are left alone)."""
     import torch.distributed as dist
 
+    from medscale.dist import cpu_group
+
     if world == 1 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world:
         return value
-    global _GROUP
-    if _GROUP is None:
-        _GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, group=_GROUP)
+    dist.all_reduce(t, group=cpu_group())
     return int(t.item())
-
-
-_GROUP: Any = None
 
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault in a range's pages in one call (no GIL held)
