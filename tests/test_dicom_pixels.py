@@ -467,3 +467,30 @@ def test_large_integer_slope_stays_exact(tmp_path: Path, slope: int) -> None:
     (img,) = decode_file(path)
     assert img.lossless and img.pixels.dtype == np.uint32
     assert img.pixels.astype(np.int64).tolist() == [[0, slope, 65535 * slope]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_pass_rescale_matches_wide_arithmetic(seed: int) -> None:
+    # _affine_exact computes in the output's own width, modulo 2**bits; the reference widens to
+    # int64, computes, mirrors and narrows. Same dtype and same values, over stored types, signs,
+    # slopes (incl. negative), intercepts and MONOCHROME1, including ranges that need 32 bits.
+    from medscale.prep.dicom import _affine_exact, _to_int_dtype
+
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        dtype = rng.choice([np.uint8, np.int8, np.uint16, np.int16, np.int32])
+        bits = int(rng.integers(1, 8 * np.dtype(dtype).itemsize + 1)) if dtype != np.int32 else 24
+        signed = np.dtype(dtype).kind == "i"
+        s_lo, s_hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        stored = rng.integers(s_lo, s_hi + 1, size=(7, 5)).astype(dtype)
+        slope = int(rng.choice([1, 1, 2, -1, 3, -7]))
+        intercept = int(rng.choice([0, -1024, 1024, 32768, -32768, 5, 70000]))
+        lo, hi = sorted((s_lo * slope + intercept, s_hi * slope + intercept))
+        mirror = bool(rng.integers(2))
+        values = stored.astype(np.int64) * slope + intercept
+        if mirror:
+            values = (lo + hi) - values
+        want = _to_int_dtype(values, lo, hi)
+        got = _affine_exact(stored, slope, intercept, lo, hi, mirror)
+        assert got.dtype == want.dtype, (dtype, bits, slope, intercept, mirror)
+        np.testing.assert_array_equal(got, want)

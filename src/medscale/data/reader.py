@@ -75,9 +75,9 @@ Index = list[tuple[str, dict[str, tuple[int, int]]]]  # per sample: key, {extens
 def scan_tar(fd: int, file_size: int) -> tuple[Index, str]:
     """Index a tar by reading its 512-byte headers and seeking over the data.
 
-    About 3 us a header (a prep sample has four: PAX and ustar for JSON and pixels), ten times
-    faster than `tarfile`, which matters because every worker indexes each shard it touches
-    once per epoch. Handles ustar prefixes and the PAX and
+    About 3 us a header (a prep sample has two, JSON and pixels; webdataset's TarWriter adds a
+    PAX record to each), ten times faster than `tarfile`, which matters because every worker
+    indexes each shard it touches once per epoch. Handles ustar prefixes and the PAX and
     GNU long-name records Python's tarfile (and so webdataset's TarWriter) writes; a misaligned
     or damaged header fails the ustar magic (or, in old-style tars, the checksum). Returns the
     samples found before any problem, and a description of the problem or "".

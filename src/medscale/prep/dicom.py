@@ -5,7 +5,8 @@ Modality LUT -> VOI LUT / window (only with ``voi="apply"``) -> MONOCHROME1 inve
 
 - Modality LUT: a Modality LUT Sequence, else the rescale, which enhanced multi-frame objects
   keep per frame in the Pixel Value Transformation functional group (pydicom's
-  ``apply_modality_lut`` ignores it). Integer rescales are applied in int64 and kept exact.
+  ``apply_modality_lut`` ignores it). Integer rescales are kept exact, computed in the output's
+  integer width (`_affine_exact`).
 - MONOCHROME1 without VOI is inverted as ``lo + hi - v`` over the possible modality range
   ``[lo, hi]``: integer, range-preserving, and undone exactly by the same formula.
 - Colour: pydicom converts YBR_FULL(_422) to RGB and reports the colour space it returns, so
@@ -282,9 +283,18 @@ def _decode_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
 
 def _grayscale(ds: Dataset, stored: np.ndarray, index: int, frame: int | None, voi: str,
                monochrome1: bool, bits: int) -> DicomImage:
+    windows = _windows(ds, index)
+    if voi != "apply" and "ModalityLUTSequence" not in ds and stored.dtype.kind in "iu":
+        # The common case (integer rescale), in one pass: see _affine_exact.
+        slope, intercept, lo, hi = _rescale_range(ds, index)
+        if slope.is_integer() and intercept.is_integer() and max(abs(lo), abs(hi)) < 2**53:
+            lo, hi = int(lo), int(hi)
+            pixels = _affine_exact(stored, int(slope), int(intercept), lo, hi, monochrome1)
+            if monochrome1:
+                windows = [(lo + hi - c, w) for c, w in windows]
+            return DicomImage(pixels, frame, "MONOCHROME2", windows, False, True, bits, monochrome1)
     values, lo, hi = _modality(ds, stored, index)
     exact = values.dtype.kind in "iu"
-    windows = _windows(ds, index)
     if voi == "apply":
         y = _apply_voi(ds, values, windows, index)
         y = 1.0 - y if monochrome1 else y
@@ -301,11 +311,7 @@ def _modality(ds: Dataset, stored: np.ndarray, index: int) -> tuple[np.ndarray, 
     if "ModalityLUTSequence" in ds:
         out_bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
         return apply_modality_lut(stored, ds).astype(np.int64), 0, (1 << out_bits) - 1
-    slope, intercept = _rescale(ds, index)
-    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
-    signed = int(ds.get("PixelRepresentation") or 0) == 1
-    s_lo, s_hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-    lo, hi = sorted((s_lo * slope + intercept, s_hi * slope + intercept))
+    slope, intercept, lo, hi = _rescale_range(ds, index)
     if slope.is_integer() and intercept.is_integer() and max(abs(lo), abs(hi)) < 2**53:
         # int32 halves int64's memory traffic; it is exact while anything the decoded container can
         # hold, rescaled and then mirrored (MONOCHROME1), still fits.
@@ -319,6 +325,40 @@ def _modality(ds: Dataset, stored: np.ndarray, index: int) -> tuple[np.ndarray, 
             values += int(intercept)
         return values, int(lo), int(hi)
     return stored.astype(np.float64) * slope + intercept, lo, hi
+
+
+def _rescale_range(ds: Dataset, index: int) -> tuple[float, float, Any, Any]:
+    """Rescale slope and intercept, and the range [lo, hi] they map BitsStored values onto."""
+    slope, intercept = _rescale(ds, index)
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    s_lo, s_hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    lo, hi = sorted((s_lo * slope + intercept, s_hi * slope + intercept))
+    return slope, intercept, lo, hi
+
+
+def _affine_exact(stored: np.ndarray, slope: int, intercept: int, lo: int, hi: int, mirror: bool) -> np.ndarray:
+    """``stored * slope + intercept`` (then ``lo + hi - v`` if `mirror`), exact, in one pass.
+
+    Gives the same values and dtype as widening to int32/int64, computing, and narrowing with
+    `_to_int_dtype`, without the wide temporaries (most of prep's pixel time on 512x512 CT):
+    the output dtype is chosen from the range the stored min and max map to (the map is
+    affine, so those are the output's extremes), and the arithmetic runs on the unsigned view
+    of that width, modulo 2**bits. Every true result fits the width, so the wrapped result is
+    the true one.
+    """
+    a, b = (-slope, lo + hi - intercept) if mirror else (slope, intercept)
+    smin, smax = int(stored.min()), int(stored.max())
+    vlo, vhi = sorted((smin * a + b, smax * a + b))
+    dtype = np.dtype(_int_dtype(lo, hi, vlo, vhi))
+    unsigned = np.dtype(f"u{dtype.itemsize}")
+    modulus = 1 << (8 * dtype.itemsize)
+    out = stored.astype(unsigned)  # a copy; a narrowing cast wraps, which the modulus absorbs
+    if a % modulus != 1:
+        np.multiply(out, unsigned.type(a % modulus), out=out)
+    if b % modulus:
+        np.add(out, unsigned.type(b % modulus), out=out)
+    return out.view(dtype)
 
 
 def _rescale(ds: Dataset, index: int) -> tuple[float, float]:
@@ -390,11 +430,15 @@ def _to_int_dtype(values: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """The narrowest integer dtype: 8/16-bit by the possible range [lo, hi] (one dtype per series),
     else 16-bit by this image's values (16-bit signed CT with intercept -1024 has a possible range
     beyond int16, its values rarely are), else 32-bit."""
-    vlo, vhi = int(values.min()), int(values.max())
+    return values.astype(_int_dtype(lo, hi, int(values.min()), int(values.max())))
+
+
+def _int_dtype(lo: int, hi: int, vlo: int, vhi: int) -> type:
+    """`_to_int_dtype`'s choice for possible range [lo, hi] and actual values [vlo, vhi]."""
     for a, b, dtypes in ((min(lo, vlo), max(hi, vhi), _INT_DTYPES[:3]), (vlo, vhi, _INT_DTYPES[1:])):
         for dt in dtypes:
             if np.iinfo(dt).min <= a and b <= np.iinfo(dt).max:
-                return values.astype(dt)
+                return dt
     raise RejectedInput("unsupported", f"modality values {vlo}..{vhi} do not fit 32 bits")
 
 

@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import webdataset as wds
 
 from medscale.codec import encode_pixels, extension_for
 from medscale.config import PrepConfig, to_dict
@@ -214,6 +214,43 @@ def _photo_samples(ctx: _Context, src: _Source) -> list[tuple[str, dict[str, Any
 # ---------------------------------------------------------------------------------------------
 
 
+class _TarFile:
+    """A tar file written member by member, hashed as it is written.
+
+    Members carry fixed mtime, owner and mode, so a rerun writes byte-identical shards and
+    checksums are comparable. Written directly rather than through tarfile's stream mode, whose
+    buffer re-slicing cost about as much as compressing the pixels (BENCHMARKS.md, prep), and
+    hashed on the way out instead of reading the finished shard back.
+    """
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def _put(self, data: bytes) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uname = info.gname = "medscale"
+        self._put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))  # a pax record only if needed
+        self._put(data)
+        if len(data) % tarfile.BLOCKSIZE:
+            self._put(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
+
+    def close(self) -> tuple[int, str]:
+        """End the archive (two zero blocks, padded to a whole record, as tarfile does); size and sha256."""
+        self._put(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        if self.size % tarfile.RECORDSIZE:
+            self._put(tarfile.NUL * (tarfile.RECORDSIZE - self.size % tarfile.RECORDSIZE))
+        self.file.close()
+        return self.size, self.sha.hexdigest()
+
+
 class _ShardSequence:
     """Writes one split's shards for one chunk, rolling over at the target size."""
 
@@ -226,25 +263,23 @@ class _ShardSequence:
     def _open(self) -> None:
         self.name = f"{self.split}-{self.chunk:06d}-{self.part:02d}.tar"
         self.tmp = self.out / (self.name + ".tmp")
-        self.stream = open(self.tmp, "wb")
-        # Fixed mtime/owner: a rerun writes byte-identical shards, so checksums are comparable.
-        self.writer = wds.TarWriter(self.stream, encoder=False, mtime=0.0, user="medscale", group="medscale", mode=0o444)
+        self.tar = _TarFile(self.tmp)
         self.samples, self.bytes, self.labels = 0, 0, Counter()
 
-    def add(self, sample: dict[str, Any], label_counts: dict[str, int]) -> None:
+    def add(self, key: str, members: dict[str, bytes], label_counts: dict[str, int]) -> None:
+        """One sample: members ``{extension: bytes}`` stored as ``key.extension``, in sorted order."""
         if self.samples and self.bytes >= self.limit:
             self._close()
             self.part += 1
             self._open()
-        self.bytes += self.writer.write(sample)
+        for ext in sorted(members):
+            self.tar.add(f"{key}.{ext}", members[ext])
+            self.bytes += len(members[ext])
         self.samples += 1
         self.labels.update(label_counts)
 
     def _close(self) -> None:
-        self.writer.close()  # an unclosed TarWriter leaves a truncated last shard
-        self.stream.close()
-        digest = hashlib.sha256(self.tmp.read_bytes()).hexdigest()
-        size = self.tmp.stat().st_size
+        size, digest = self.tar.close()  # an unclosed tar would leave a truncated last shard
         os.replace(self.tmp, self.out / self.name)
         self.done.append(
             {"path": self.name, "split": self.split, "samples": self.samples, "bytes": size,
@@ -302,10 +337,10 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
             if target is not None:
                 info["label" if ctx.labels is None or ctx.labels.task == "multiclass" else "labels"] = target
             counts = _label_counts(ctx, target)
-            sample = {"__key__": key, "json": json.dumps(info, sort_keys=True).encode(), ctx.ext: data}
+            members = {"json": json.dumps(info, sort_keys=True).encode(), ctx.ext: data}
             if split not in sequences:
                 sequences[split] = _ShardSequence(out, split, index, ctx.cfg.shard_bytes)
-            sequences[split].add(sample, counts)
+            sequences[split].add(key, members, counts)
             patients.setdefault(split, set()).add(patient)
             result.samples += 1
             result.lossy += not info.get("lossless", True)
