@@ -350,6 +350,25 @@ def test_corrupt_eval_samples_become_padding(tmp_path):
     assert len(valid) == 29 and s.stats()["corrupt_samples"] == 1
 
 
+@pytest.mark.parametrize("limit", [0.05, 0.0])
+def test_evaluation_reports_corrupt_samples_within_the_limit(tmp_path, limit):
+    from medscale.config import RunConfig, from_dict
+    from medscale.evaluate import evaluate
+
+    root = corrupt_dataset(tmp_path / "s", bad_samples=(3,))  # 1 of 30
+    data = {"image_size": 16, "channels": 1, "num_workers": 0, "max_corrupt_fraction": limit}
+    run = from_dict(RunConfig, {"data": data, "eval": {"bootstrap": 0}})
+    s = ShardStream(str(root), "train", run.data, micro_batch=4, train=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 2))
+    if limit == 0.0:
+        with pytest.raises(RuntimeError, match="1 corrupt samples in split 'train'.*data.max_corrupt_fraction=0.0"):
+            evaluate(model, s, run, torch.float32, torch.device("cpu"))
+        return
+    result = evaluate(model, s, run, torch.float32, torch.device("cpu"))
+    assert result["n_samples"] == 29 and result["corrupt_samples"] == 1 and result["expected_samples"] == 30
+
+
 # -- class balance, manifests, errors ---------------------------------------------------------------
 
 

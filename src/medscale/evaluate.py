@@ -36,6 +36,7 @@ def predict(model: Any, stream: ShardStream, dtype: torch.dtype, device: torch.d
     patients: list[str] = []
     studies: list[str] | None = []
     probs, targets = [], []
+    corrupt_before = stream.corrupt_count
     for batch in make_loader(stream):
         logits = model(batch["image"].to(device=device, dtype=dtype)).float()
         p = torch.sigmoid(logits) if stream.task == "multilabel" else torch.softmax(logits, dim=-1)
@@ -50,7 +51,7 @@ def predict(model: Any, stream: ShardStream, dtype: torch.dtype, device: torch.d
         else:
             studies = None  # the loader does not pass study ids
     model.train(was_training)
-    return {"keys": keys, "patients": patients, "studies": studies,
+    return {"keys": keys, "patients": patients, "studies": studies, "corrupt": stream.corrupt_count - corrupt_before,
             "probs": torch.cat(probs).numpy() if probs else np.zeros((0, 0), np.float32),
             "targets": torch.cat(targets).numpy() if targets else np.zeros((0,), np.int64)}
 
@@ -59,9 +60,14 @@ def evaluate(model: Any, stream: ShardStream, cfg: RunConfig, dtype: torch.dtype
              device: torch.device) -> dict[str, Any]:
     """Metrics over the whole split, identical on every rank (all ranks must call it).
 
+    Corrupt samples (undecodable; the loader logs each and passes padding in their place) are
+    left out of the metrics and reported as ``corrupt_samples``, up to the training limit
+    ``data.max_corrupt_fraction`` of the split.
+
     Raises:
         RuntimeError: the ranks together saw another number of distinct samples than the
-            manifest holds for the split (a loader bug must not hide in the metrics).
+            manifest holds for the split, corrupt ones included (a loader bug must not hide in
+            the metrics), or more corrupt samples than ``data.max_corrupt_fraction`` allows.
     """
     parts = all_gather_objects(predict(model, stream, dtype, device))
     seen: dict[str, int] = {}
@@ -79,10 +85,18 @@ def evaluate(model: Any, stream: ShardStream, cfg: RunConfig, dtype: torch.dtype
             patients.append(part["patients"][i])
             if have_studies:
                 studies.append(part["studies"][i])
+    corrupt = sum(part["corrupt"] for part in parts)
+    if corrupt > cfg.data.max_corrupt_fraction * stream.samples:
+        raise RuntimeError(f"{corrupt} corrupt samples in split {stream.split!r} ({stream.root}) exceed "
+                           f"data.max_corrupt_fraction={cfg.data.max_corrupt_fraction} of its {stream.samples}; "
+                           "the log names each one; check the shards with `medscale inspect --verify`")
+    if corrupt:
+        log.warning("%d corrupt samples of split %r left out of the metrics", corrupt, stream.split)
     if not probs:
         raise RuntimeError(f"evaluation of split {stream.split!r} saw no samples")
-    if len(seen) != stream.samples:
-        raise RuntimeError(f"evaluation saw {len(seen)} distinct samples of split {stream.split!r}, manifest says {stream.samples}")
+    if len(seen) + corrupt != stream.samples:
+        raise RuntimeError(f"evaluation saw {len(seen)} distinct samples of split {stream.split!r} and {corrupt} "
+                           f"corrupt ones; the manifest says {stream.samples}")
     p, t = np.stack(probs), np.stack(targets)
     e = cfg.eval
     options = dict(task=stream.task, class_names=stream.manifest.get("classes") or None,
@@ -90,7 +104,7 @@ def evaluate(model: Any, stream: ShardStream, cfg: RunConfig, dtype: torch.dtype
                    seed=cfg.train.seed)
     result = classification_metrics(p, t, groups=patients, **options)
     result.update({"split": stream.split, "n_patients": len(set(patients)), "duplicates_dropped": duplicates,
-                   "expected_samples": stream.samples})
+                   "expected_samples": stream.samples, "corrupt_samples": corrupt})
     if e.aggregate != "none":
         if e.aggregate == "study" and not have_studies:
             raise ValueError("eval.aggregate=study needs a study id per sample, and the loader passes none; "
