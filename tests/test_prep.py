@@ -119,6 +119,22 @@ def test_patients_never_cross_splits_and_manifest_adds_up(tmp_path):
         assert sum(x["nsamples"] for x in wids["shardlist"]) == d["samples"]
     assert sum(manifest["splits"][s]["label_counts"].get("lesion", 0) for s in counts) > 0
     assert manifest["classes"] == ["normal", "lesion"]
+    assert manifest["largest_patient_samples"] == 3
+
+
+def test_a_placeholder_patient_id_is_flagged(tmp_path, caplog):
+    # Anonymised exports often carry one PatientID for everyone: prep cannot tell those people
+    # apart, so they form one "patient" in one split. The manifest and a warning say so.
+    write_synthetic_corpus(tmp_path / "raw", patients=20, images_per_patient=3, size=32)
+    for f in sorted((tmp_path / "raw" / "dicom").rglob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.PatientID = "ANONYMOUS"
+        ds.save_as(f)
+    with caplog.at_level("WARNING", logger="medscale.prep"):
+        manifest = prep([tmp_path / "raw" / "dicom"], tmp_path / "out")
+    assert manifest["samples"] == manifest["largest_patient_samples"] == 60
+    assert sum(d["patients"] for d in manifest["splits"].values()) == 1
+    assert "one patient holds 60 of 60 samples" in caplog.text
 
 
 def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path):

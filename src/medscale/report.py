@@ -31,6 +31,8 @@ def print_manifest_summary(manifest: dict[str, Any], seconds: float | None = Non
     if manifest.get("lossy_samples"):
         print(f"note: {manifest['lossy_samples']} samples had a non-integer rescale and are stored as float32 "
               "modality values (exact to float32 precision, not bit-exact integers)")
+    for warning in manifest.get("warnings", []):
+        print(f"warning: {warning}")
     if manifest["reject_reasons"]:
         print(tabulate(sorted(manifest["reject_reasons"].items()), headers=["reason", "inputs"]))
 

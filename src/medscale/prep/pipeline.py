@@ -49,6 +49,8 @@ __all__ = ["PrepJob", "run_prep", "merge", "discover_inputs", "PHOTO_SUFFIXES"]
 log = logging.getLogger("medscale.prep")
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png"}
+# Warn when one patient holds more than this share of a corpus of at least this many samples.
+PLACEHOLDER_SHARE, PLACEHOLDER_MIN_SAMPLES = 0.2, 50
 MANIFEST_VERSION = 1
 
 
@@ -79,6 +81,7 @@ class _ChunkResult:
     shards: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     patients: dict[str, list[str]] = field(default_factory=dict)
+    patient_samples: dict[str, int] = field(default_factory=dict)
     inputs: int = 0
     accepted: int = 0
     samples: int = 0
@@ -311,6 +314,7 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
     result = _ChunkResult(index=index, inputs=len(sources))
     sequences: dict[str, _ShardSequence] = {}
     patients: dict[str, set[str]] = {}
+    patient_samples: Counter = Counter()
     for src in sources:
         samples, encoded = [], []
         try:
@@ -342,6 +346,7 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
                 sequences[split] = _ShardSequence(out, split, index, ctx.cfg.shard_bytes)
             sequences[split].add(key, members, counts)
             patients.setdefault(split, set()).add(patient)
+            patient_samples[patient] += 1
             result.samples += 1
             result.lossy += not info.get("lossless", True)
         if _PROGRESS is not None:
@@ -350,6 +355,7 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
     for split in sorted(sequences):
         result.shards.extend(sequences[split].close())
     result.patients = {s: sorted(p) for s, p in patients.items()}
+    result.patient_samples = dict(sorted(patient_samples.items()))
     result.seconds = time.perf_counter() - t0
     marker = out / "chunks" / f"{index:06d}.json"
     tmp = marker.with_suffix(".tmp")
@@ -507,6 +513,18 @@ def merge(out: Path) -> dict[str, Any]:
             if p in seen and seen[p] != split:
                 raise RuntimeError(f"patient {p} appears in splits {seen[p]} and {split}: refusing to write a leaky manifest")
             seen[p] = split
+    per_patient: Counter = Counter()
+    for r in results:
+        per_patient.update(r.get("patient_samples", {}))  # markers of older versions have no counts
+    largest = max(per_patient.values(), default=0)
+    total = sum(s["samples"] for s in shards)
+    warnings = []
+    if total >= PLACEHOLDER_MIN_SAMPLES and largest > PLACEHOLDER_SHARE * total:
+        warnings.append(f"one patient holds {largest} of {total} samples ({100 * largest / total:.0f}%): a "
+                        "placeholder PatientID (ANONYMOUS, 0, ...) merges many people into one patient, who "
+                        "then lands in a single split; check the corpus's PatientIDs")
+    for w in warnings:
+        log.warning(w)
     splits: dict[str, Any] = {}
     for s in shards:
         d = splits.setdefault(s["split"], {"shards": 0, "samples": 0, "bytes": 0, "label_counts": Counter()})
@@ -522,7 +540,10 @@ def merge(out: Path) -> dict[str, Any]:
         "version": MANIFEST_VERSION,
         "inputs": plan["inputs"],
         "accepted_inputs": sum(r["accepted"] for r in results),
-        "samples": sum(s["samples"] for s in shards),
+        "samples": total,
+        # The most samples any one (pseudonymized) patient has: a placeholder PatientID shows here.
+        "largest_patient_samples": largest,
+        "warnings": warnings,
         # Samples whose values are float32 after a non-integer rescale (not bit-exact integers).
         "lossy_samples": sum(r.get("lossy", 0) for r in results),
         "rejected": len(rejects),
