@@ -263,3 +263,56 @@ def test_inspect_verifies_checksums_and_dumps_previews(tmp_path):
     shard.write_bytes(bytes(data))
     r = cli("inspect", out, "--verify")
     assert r.returncode == 1 and "sha256 mismatch" in r.stdout
+
+
+def _photo_corpus(root: Path, patients: int, positives: int) -> Path:
+    """One 8x8 PNG per patient in ISIC's layout; the first `positives` patients are class 1."""
+    from PIL import Image
+
+    (root / "img").mkdir(parents=True)
+    lines = ["image_name,patient_id,target"]
+    for i in range(patients):
+        Image.fromarray(np.full((8, 8), i % 250, np.uint8)).save(root / "img" / f"IMG_{i:04d}.png")
+        lines.append(f"IMG_{i:04d},PAT_{i:04d},{int(i < positives)}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
+@pytest.mark.parametrize("stratify", [True, False])
+def test_stratified_split_gives_every_split_its_share_of_a_rare_class(tmp_path, stratify):
+    labels = _photo_corpus(tmp_path / "raw", patients=200, positives=10)
+    overrides = ["include=['*.png']", "label_key=stem", "key_column=image_name", "label_column=target",
+                 "classes=['0', '1']", "patient_column=patient_id", f"stratify={str(stratify).lower()}"]
+    m = prep([tmp_path / "raw" / "img"], tmp_path / "out", labels=labels, overrides=overrides, workers=2,
+             chunk_files=64)
+    positives = {s: d["label_counts"].get("1", 0) for s, d in m["splits"].items()}
+    negatives = {s: d["label_counts"].get("0", 0) for s, d in m["splits"].items()}
+    if stratify:
+        # Rank dealing: 10 positives -> 8/1/1 and 190 negatives -> 152/19/19, exactly.
+        assert positives == {"train": 8, "val": 1, "test": 1}
+        assert negatives == {"train": 152, "val": 19, "test": 19}
+    else:
+        # The plain keyed hash gets the totals right but not the exact shares of each class.
+        assert sum(positives.values()) == 10 and sum(negatives.values()) == 190
+        assert (positives, negatives) != ({"train": 8, "val": 1, "test": 1}, {"train": 152, "val": 19, "test": 19})
+
+
+def test_stratify_needs_patients_in_the_labels_csv(tmp_path):
+    labels = _photo_corpus(tmp_path / "raw", patients=4, positives=1)
+    overrides = ["include=['*.png']", "label_key=stem", "key_column=image_name", "label_column=target",
+                 "stratify=true"]
+    with pytest.raises(ValueError, match="stratify=true needs patients in the labels CSV"):
+        prep([tmp_path / "raw" / "img"], tmp_path / "out", labels=labels, overrides=overrides)
+
+
+def test_patient_strata_use_the_rarest_class_a_patient_has():
+    from medscale.prep.labels import LabelTable
+
+    # Multi-label, keyed by image: patient A has effusion (3 patients) and nodule (1 patient).
+    t = LabelTable("multilabel", ["effusion", "nodule"], "stem",
+                   targets={"a1": [1, 0], "a2": [0, 1], "b1": [1, 0], "c1": [1, 0], "d1": [0, 0]},
+                   patients={"a1": "A", "a2": "A", "b1": "B", "c1": "C", "d1": "D"})
+    assert t.patient_strata() == {"A": "nodule", "B": "effusion", "C": "effusion", "D": "none"}
+    # Keyed by PatientID: each key is a patient.
+    t = LabelTable("multiclass", ["normal", "lesion"], "PatientID", targets={"P1": 0, "P2": 1, "P3": 0})
+    assert t.patient_strata() == {"P1": "normal", "P2": "lesion", "P3": "normal"}

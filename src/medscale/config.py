@@ -331,9 +331,14 @@ class PrepConfig:
     label_from_dir: bool = False
     """Take the class from the parent directory name (folder-per-class layouts)."""
     patient_column: str = ""
-    """CSV column with the patient id for photos (DICOM uses PatientID)."""
+    """CSV column with the patient id: the patient of a photo (DICOM uses its PatientID), and the
+    patients a stratified split balances."""
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     """Patient-level split fractions."""
+    stratify: bool = False
+    """Stratify the patient split by label: every split gets its fraction of the patients of each
+    class (a patient counts under the rarest class it has). Needs the labels CSV to name patients
+    (patient_column, or label_key PatientID); patients it does not name keep the plain hash split."""
     voi: Literal["metadata", "apply"] = "metadata"
     """Keep VOI windows as metadata (lossless) or apply them to pixels."""
     frames: Literal["samples", "volume"] = "samples"

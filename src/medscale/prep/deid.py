@@ -282,16 +282,50 @@ class Pseudonymizer:
         Raises:
             ValueError: Empty fractions, a negative or non-finite fraction, or a sum other than 1.
         """
+        return _cut(self._split_point(patient_pseudonym), _ordered_fractions(fractions))
+
+    def stratified_splits(self, strata: Mapping[str, str], fractions: Mapping[str, float]) -> dict[str, str]:
+        """Splits for patients grouped into strata (e.g. by their rarest class).
+
+        Within each stratum the patients, ordered by the same keyed hash as `split`, are dealt
+        to the splits by rank: rank ``r`` of ``n`` goes where ``(r + 0.5) / n`` falls among the
+        cumulative fractions. Each split so gets its fraction of every stratum to within one
+        patient, where a plain hash split can leave a rare class out of a small test split.
+        Deterministic for a given key and strata; unlike `split`, a patient's split depends on
+        the other patients of its stratum.
+
+        Args:
+            strata: Patient pseudonym to stratum name.
+            fractions: As for `split`.
+
+        Returns:
+            Patient pseudonym to split name.
+        """
         order = _ordered_fractions(fractions)
+        groups: dict[str, list[str]] = {}
+        for patient, stratum in strata.items():
+            groups.setdefault(stratum, []).append(patient)
+        out: dict[str, str] = {}
+        for patients in groups.values():
+            patients.sort(key=self._split_point)
+            for rank, patient in enumerate(patients):
+                out[patient] = _cut((rank + 0.5) / len(patients), order)
+        return out
+
+    def _split_point(self, patient_pseudonym: str) -> float:
         # 64 bits of the hash give a uniform number in [0, 1) with no visible granularity.
-        u = int.from_bytes(self._digest("split", patient_pseudonym)[:8], "big") / 2.0**64
-        cumulative = 0.0
-        for name, fraction in order:
-            cumulative += fraction
-            if u < cumulative:
-                return name
-        # Rounding can leave the last cut a hair below 1: the rest goes to the last non-empty split.
-        return next(name for name, fraction in reversed(order) if fraction > 0)
+        return int.from_bytes(self._digest("split", patient_pseudonym)[:8], "big") / 2.0**64
+
+
+def _cut(u: float, order: list[tuple[str, float]]) -> str:
+    """The split whose share of [0, 1), stacked in `order`, holds ``u``."""
+    cumulative = 0.0
+    for name, fraction in order:
+        cumulative += fraction
+        if u < cumulative:
+            return name
+    # Rounding can leave the last cut a hair below 1: the rest goes to the last non-empty split.
+    return next(name for name, fraction in reversed(order) if fraction > 0)
 
 
 def _ordered_fractions(fractions: Mapping[str, float]) -> list[tuple[str, float]]:

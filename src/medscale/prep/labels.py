@@ -35,6 +35,33 @@ class LabelTable:
         k = keys.get(self.key_kind)
         return None if k is None else self.patients.get(k)
 
+    def patient_strata(self) -> dict[str, str]:
+        """Raw patient id to stratum: the rarest class (fewest patients) the patient has.
+
+        A multi-label patient without any finding is stratum ``"none"``. Patients come from the
+        patient column, or are the keys themselves when the CSV is keyed by PatientID.
+
+        Raises:
+            ValueError: the CSV names no patients.
+        """
+        if self.key_kind == "PatientID":
+            owner = {k: k for k in self.targets}
+        elif self.patients:
+            owner = self.patients
+        else:
+            raise ValueError("stratify=true needs patients in the labels CSV: set patient_column, "
+                             "or label_key: PatientID")
+        classes: dict[str, set[int]] = {}
+        for key, target in self.targets.items():
+            have = {target} if self.task == "multiclass" else {i for i, v in enumerate(target) if v}
+            classes.setdefault(owner[key], set()).update(have)
+        patients_per_class = [0] * len(self.classes)
+        for have in classes.values():
+            for i in have:
+                patients_per_class[i] += 1
+        return {p: self.classes[min(have, key=lambda i: (patients_per_class[i], i))] if have else "none"
+                for p, have in classes.items()}
+
     def counts(self, target: Any) -> dict[str, int]:
         """Per-class counts contributed by one target (for manifests)."""
         if self.task == "multiclass":

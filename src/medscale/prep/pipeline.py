@@ -129,11 +129,12 @@ def discover_inputs(inputs: Sequence[str], include: Sequence[str]) -> list[_Sour
 class _Context:
     """Per-process state: built once per worker, not once per file."""
 
-    def __init__(self, job: PrepJob, labels: LabelTable | None):
+    def __init__(self, job: PrepJob, labels: LabelTable | None, splits: dict[str, str] | None):
         self.job = job
         self.cfg = job.cfg
         self.pseudo = Pseudonymizer(job.key)
         self.labels = labels
+        self.splits = splits  # stratified: patient pseudonym -> split; others use the hash split
         self.ext = extension_for(job.cfg.encoding)
 
 
@@ -298,9 +299,24 @@ _CTX: _Context | None = None
 _PROGRESS: Any = None
 
 
-def _init_worker(job: PrepJob, labels: LabelTable | None, progress: Any) -> None:
+def _init_worker(job: PrepJob, labels: LabelTable | None, splits: dict[str, str] | None, progress: Any) -> None:
     global _CTX, _PROGRESS
-    _CTX, _PROGRESS = _Context(job, labels), progress
+    _CTX, _PROGRESS = _Context(job, labels, splits), progress
+
+
+def _stratified_splits(job: PrepJob, labels: LabelTable | None) -> dict[str, str] | None:
+    """Patient pseudonym -> split when the config asks for a stratified split, else None.
+
+    Computed from the labels CSV alone, so every worker and every Slurm array task gets the same
+    assignment without seeing the others' inputs.
+    """
+    if not job.cfg.stratify:
+        return None
+    if labels is None:
+        raise ValueError("stratify=true needs a labels CSV (--labels or the recipe's labels_csv)")
+    pseudo = Pseudonymizer(job.key)
+    strata = {pseudo("patient", raw): stratum for raw, stratum in labels.patient_strata().items() if raw}
+    return pseudo.stratified_splits(strata, job.cfg.splits)
 
 
 def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
@@ -334,7 +350,7 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
         result.accepted += bool(samples)
         for (key, info, _), (data, pix) in zip(samples, encoded):
             patient = info["patient"]
-            split = ctx.pseudo.split(patient, ctx.cfg.splits)
+            split = (ctx.splits or {}).get(patient) or ctx.pseudo.split(patient, ctx.cfg.splits)
             info["pixels"] = pix
             info["split"] = split
             target = info.pop("target")
@@ -419,6 +435,7 @@ def run_prep(job: PrepJob, *, progress: bool | None = None) -> dict[str, Any] | 
     """Run this task's share of the chunks; merge and return the manifest when it is the only task."""
     # Read the CSV here first: a bad CSV fails before any worker starts.
     labels = load_labels(job.cfg, job.labels_csv) if job.labels_csv else None
+    splits = _stratified_splits(job, labels)
     sources = discover_inputs(job.inputs, job.cfg.include)
     if not sources:
         raise ValueError(f"no input files found under {job.inputs} with patterns {job.cfg.include}")
@@ -445,14 +462,14 @@ def run_prep(job: PrepJob, *, progress: bool | None = None) -> dict[str, Any] | 
     todo_inputs = sum(len(c[1]) for c in chunks)
     log.info("prep: %d inputs, %d chunks for this task (%d already done)", len(sources), len(chunks),
              len([i for i in range(plan["chunks"]) if i % job.num_tasks == job.task_index]) - len(chunks))
-    _run_chunks(job, labels, chunks, todo_inputs, progress if progress is not None else sys.stderr.isatty())
+    _run_chunks(job, labels, splits, chunks, todo_inputs, progress if progress is not None else sys.stderr.isatty())
     if job.num_tasks == 1:
         return merge(job.out)
     return None
 
 
-def _run_chunks(job: PrepJob, labels: LabelTable | None, chunks: list[tuple[int, list[_Source]]], total: int,
-                bar: bool) -> None:
+def _run_chunks(job: PrepJob, labels: LabelTable | None, splits: dict[str, str] | None,
+                chunks: list[tuple[int, list[_Source]]], total: int, bar: bool) -> None:
     from tqdm import tqdm
 
     counter = mp.Value("q", 0)
@@ -467,14 +484,14 @@ def _run_chunks(job: PrepJob, labels: LabelTable | None, chunks: list[tuple[int,
             last_log = time.monotonic()
 
     if job.workers <= 1:
-        _init_worker(job, labels, counter)
+        _init_worker(job, labels, splits, counter)
         for c in chunks:
             _process_chunk(c)
             report()
     else:
         # fork keeps start-up cheap: workers inherit the parsed labels instead of re-reading the CSV.
         with mp.get_context("fork").Pool(job.workers, initializer=_init_worker,
-                                         initargs=(job, labels, counter)) as pool:
+                                         initargs=(job, labels, splits, counter)) as pool:
             pending = pool.map_async(_process_chunk, chunks, chunksize=1)
             while not pending.ready():
                 pending.wait(0.5)
