@@ -295,6 +295,20 @@ def test_stratified_split_gives_every_split_its_share_of_a_rare_class(tmp_path, 
         # The plain keyed hash gets the totals right but not the exact shares of each class.
         assert sum(positives.values()) == 10 and sum(negatives.values()) == 190
         assert (positives, negatives) != ({"train": 8, "val": 1, "test": 1}, {"train": 152, "val": 19, "test": 19})
+    assert m["stratified_samples"] == (200 if stratify else None)
+
+
+def test_stratify_reports_samples_whose_patient_the_csv_does_not_name(tmp_path, caplog):
+    labels = _photo_corpus(tmp_path / "raw", patients=20, positives=4)
+    lines = labels.read_text().splitlines()
+    lines[1:4] = [f"IMG_{i:04d},,1" for i in range(3)]  # three photos (positives) without a patient id
+    labels.write_text("\n".join(lines) + "\n")
+    overrides = ["include=['*.png']", "label_key=stem", "key_column=image_name", "label_column=target",
+                 "classes=['0', '1']", "patient_column=patient_id", "stratify=true"]
+    with caplog.at_level("WARNING", logger="medscale.prep"):
+        m = prep([tmp_path / "raw" / "img"], tmp_path / "out", labels=labels, overrides=overrides)
+    assert m["samples"] == 20 and m["stratified_samples"] == 17
+    assert "3 of 20 samples belong to patients the labels CSV does not name" in caplog.text
 
 
 def test_stratify_needs_patients_in_the_labels_csv(tmp_path):

@@ -97,6 +97,7 @@ def test_rsna_pneumonia(tmp_path):
     m = run("rsna_pneumonia.yaml", root, tmp_path / "out", csv_path)
     assert m["task"] == "multiclass" and m["classes"] == ["0", "1"] and m["samples"] == 3
     assert sorted(labels_in_shards(tmp_path / "out")) == [0, 0, 1]
+    assert m["stratified_samples"] == 3 and m["warnings"] == []  # CSV patientId matches DICOM PatientID
 
 
 def test_hyperkvasir(tmp_path):

@@ -86,6 +86,7 @@ class _ChunkResult:
     accepted: int = 0
     samples: int = 0
     lossy: int = 0
+    stratified: int = 0  # samples whose patient the stratified assignment placed
     seconds: float = 0.0
 
 
@@ -350,7 +351,9 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
         result.accepted += bool(samples)
         for (key, info, _), (data, pix) in zip(samples, encoded):
             patient = info["patient"]
-            split = (ctx.splits or {}).get(patient) or ctx.pseudo.split(patient, ctx.cfg.splits)
+            assigned = (ctx.splits or {}).get(patient)
+            split = assigned or ctx.pseudo.split(patient, ctx.cfg.splits)
+            result.stratified += assigned is not None
             info["pixels"] = pix
             info["split"] = split
             target = info.pop("target")
@@ -540,6 +543,11 @@ def merge(out: Path) -> dict[str, Any]:
         warnings.append(f"one patient holds {largest} of {total} samples ({100 * largest / total:.0f}%): a "
                         "placeholder PatientID (ANONYMOUS, 0, ...) merges many people into one patient, who "
                         "then lands in a single split; check the corpus's PatientIDs")
+    stratified = sum(r.get("stratified", 0) for r in results)
+    if plan["config"].get("stratify") and stratified < total:
+        warnings.append(f"{total - stratified} of {total} samples belong to patients the labels CSV does not "
+                        "name (for DICOM: whose PatientID differs from the CSV's patient column); they got the "
+                        "plain hash split, not the stratified one")
     for w in warnings:
         log.warning(w)
     splits: dict[str, Any] = {}
@@ -561,6 +569,7 @@ def merge(out: Path) -> dict[str, Any]:
         # The most samples any one (pseudonymized) patient has: a placeholder PatientID shows here.
         "largest_patient_samples": largest,
         "warnings": warnings,
+        "stratified_samples": stratified if plan["config"].get("stratify") else None,
         # Samples whose values are float32 after a non-integer rescale (not bit-exact integers).
         "lossy_samples": sum(r.get("lossy", 0) for r in results),
         "rejected": len(rejects),
