@@ -80,8 +80,7 @@ class _ChunkResult:
     index: int
     shards: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
-    patients: dict[str, list[str]] = field(default_factory=dict)
-    patient_samples: dict[str, int] = field(default_factory=dict)
+    patients: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> patient -> samples
     inputs: int = 0
     accepted: int = 0
     samples: int = 0
@@ -330,8 +329,7 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
         stale.unlink()  # leftovers of an interrupted run of this chunk
     result = _ChunkResult(index=index, inputs=len(sources))
     sequences: dict[str, _ShardSequence] = {}
-    patients: dict[str, set[str]] = {}
-    patient_samples: Counter = Counter()
+    patients: dict[str, Counter] = {}
     for src in sources:
         samples, encoded = [], []
         try:
@@ -364,8 +362,7 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
             if split not in sequences:
                 sequences[split] = _ShardSequence(out, split, index, ctx.cfg.shard_bytes)
             sequences[split].add(key, members, counts)
-            patients.setdefault(split, set()).add(patient)
-            patient_samples[patient] += 1
+            patients.setdefault(split, Counter())[patient] += 1
             result.samples += 1
             result.lossy += not info.get("lossless", True)
         if _PROGRESS is not None:
@@ -373,8 +370,7 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
                 _PROGRESS.value += 1
     for split in sorted(sequences):
         result.shards.extend(sequences[split].close())
-    result.patients = {s: sorted(p) for s, p in patients.items()}
-    result.patient_samples = dict(sorted(patient_samples.items()))
+    result.patients = {s: dict(sorted(c.items())) for s, c in sorted(patients.items())}
     result.seconds = time.perf_counter() - t0
     marker = out / "chunks" / f"{index:06d}.json"
     tmp = marker.with_suffix(".tmp")
@@ -524,18 +520,17 @@ def merge(out: Path) -> dict[str, Any]:
     shards = sorted((s for r in results for s in r["shards"]), key=lambda s: s["path"])
     rejects = sorted((x for r in results for x in r["rejects"]), key=lambda x: x["path"])
     split_patients: dict[str, set[str]] = {}
+    per_patient: Counter = Counter()
     for r in results:
-        for split, ps in r["patients"].items():
-            split_patients.setdefault(split, set()).update(ps)
+        for split, counts in r["patients"].items():
+            split_patients.setdefault(split, set()).update(counts)
+            per_patient.update(counts)
     seen: dict[str, str] = {}
     for split, ps in split_patients.items():
         for p in ps:
             if p in seen and seen[p] != split:
                 raise RuntimeError(f"patient {p} appears in splits {seen[p]} and {split}: refusing to write a leaky manifest")
             seen[p] = split
-    per_patient: Counter = Counter()
-    for r in results:
-        per_patient.update(r.get("patient_samples", {}))  # markers of older versions have no counts
     largest = max(per_patient.values(), default=0)
     total = sum(s["samples"] for s in shards)
     warnings = []
