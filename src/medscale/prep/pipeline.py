@@ -134,7 +134,7 @@ class _Context:
         self.cfg = job.cfg
         self.pseudo = Pseudonymizer(job.key)
         self.labels = labels
-        self.splits = splits  # stratified: patient pseudonym -> split; others use the hash split
+        self.splits = splits or {}  # stratified: patient pseudonym -> split; others use the hash split
         self.ext = extension_for(job.cfg.encoding)
 
 
@@ -349,7 +349,7 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
         result.accepted += bool(samples)
         for (key, info, _), (data, pix) in zip(samples, encoded):
             patient = info["patient"]
-            assigned = (ctx.splits or {}).get(patient)
+            assigned = ctx.splits.get(patient)
             split = assigned or ctx.pseudo.split(patient, ctx.cfg.splits)
             result.stratified += assigned is not None
             info["pixels"] = pix
