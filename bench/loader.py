@@ -45,8 +45,9 @@ import torch
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from medscale.codec import encode_pixels, extension_for
-from medscale.config import DataConfig, PrepConfig
+from medscale.formats.codec import encode_pixels, extension_for
+from medscale.config import DataConfig
+from medscale.prep.config import PrepConfig
 from medscale.data.loader import ShardStream, decode_sample, make_loader
 from medscale.data.order import EpochOrder, train_batch_ids
 from medscale.data.reader import ShardReader
@@ -59,7 +60,7 @@ MB = 32  # TrainConfig.micro_batch_size default
 
 def data_config(workers: int) -> DataConfig:
     return DataConfig(image_size=224, channels=3, windows=WINDOWS, normalize="window", num_workers=workers,
-                      shuffle_buffer=256)
+                      shuffle_block=256)
 
 
 # -- inputs ------------------------------------------------------------------------------------------

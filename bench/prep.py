@@ -22,7 +22,8 @@ import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from medscale.config import PrepConfig, load_config
+from medscale.config import load_config
+from medscale.prep.config import PrepConfig
 from medscale.prep.pipeline import PrepJob, prepare_output, run_prep
 
 warnings.filterwarnings("ignore")

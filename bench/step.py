@@ -47,11 +47,12 @@ def main() -> None:
 
     from medscale.config import RunConfig, from_dict
     from medscale.dist import init_distributed
-    from medscale.engine import NumericsGuard, build_engine, input_dtype, resolve_ds_config
-    from medscale.losses import build_loss
+    from medscale.train.engine import build_engine, input_dtype, resolve_ds_config
+    from medscale.train.numerics import NumericsGuard
+    from medscale.train.losses import build_loss
     from medscale.models import create_model
-    from medscale.throughput import Throughput
-    from medscale.train import train_step
+    from medscale.train.throughput import Throughput
+    from medscale.train.loop import train_step
 
     dist = init_distributed()
     a.precision = a.precision or ("bf16" if torch.cuda.is_available() else "fp32")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from medscale.codec import encode_pixels, extension_for
+from medscale.formats.codec import encode_pixels, extension_for
 
 
 def write_shards(root: Path, sizes: dict[str, list[int]], *, size: int = 16, classes=("normal", "lesion"),

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from medscale.config import ConfigError, PrepConfig, RunConfig, load_config
+from medscale.config import ConfigError, RunConfig, load_config
+from medscale.prep.config import PrepConfig
 
 __all__ = ["main"]
 
@@ -38,7 +39,7 @@ def _split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
 def cmd_prep(args: argparse.Namespace) -> int:
     from medscale.prep.deid import load_pseudonym_key
     from medscale.prep.pipeline import PrepJob, merge, prepare_output, run_prep
-    from medscale.report import print_manifest_summary
+    from medscale.report.console import print_manifest_summary
 
     out = Path(args.out)
     if args.merge:
@@ -83,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not launched() and cfg.dist.nproc > 1:
         return relaunch(cfg, ["train"])
     from medscale.dist import shutdown
-    from medscale.train import train
+    from medscale.train.loop import train
 
     train(cfg)
     shutdown()  # before interpreter exit, or gloo may abort a rank that has finished (see shutdown)
@@ -92,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from medscale.dist import shutdown
-    from medscale.evaluate import run_eval
+    from medscale.eval.evaluate import run_eval
 
     run_eval(args.run, args.overrides, split=args.split, output=args.output)
     shutdown()
@@ -105,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from medscale.report import inspect_shards
+    from medscale.report.console import inspect_shards
 
     return inspect_shards(args.shards, verify=args.verify, dump=args.dump, dump_dir=args.dump_dir)
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, ClassVar, Literal, Sequence, TypeVar
 
 import yaml
+
+from medscale.errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -28,7 +31,6 @@ __all__ = [
     "LoggingConfig",
     "CheckpointConfig",
     "RunConfig",
-    "PrepConfig",
     "load_config",
     "apply_overrides",
     "to_dict",
@@ -38,9 +40,9 @@ __all__ = [
 
 T = TypeVar("T")
 
+log = logging.getLogger("medscale.config")
 
-class ConfigError(ValueError):
-    """A config value or key is invalid; the message names the key and its source."""
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +53,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     """Where the shards are and how samples become tensors."""
+
+    _renamed: ClassVar[dict[str, str]] = {"shuffle_buffer": "shuffle_block"}
 
     shards: str = ""
     """Directory written by `medscale prep` (holds manifest.json)."""
@@ -70,10 +74,11 @@ class DataConfig:
     """Intensity normalisation when no window applies (window implies windows is set)."""
     num_workers: int = 1
     """Data-loader worker processes per rank."""
-    shuffle_buffer: int = 65536
+    shuffle_block: int = 65536
     """Samples mixed by the shuffle: each epoch permutes the shards, groups them into blocks of whole
     shards holding at least this many samples and permutes the samples inside each block. It sets the
-    order, not memory; bigger blocks give each rank fewer shards to open."""
+    order, not memory (no buffer is filled); bigger blocks give each rank fewer shards to open.
+    Formerly ``shuffle_buffer``, still accepted with a warning."""
     max_corrupt_fraction: float = 0.01
     """Stop training when an epoch's corrupt samples, summed over ranks, exceed this fraction of the split."""
     class_balance: float = 0.0
@@ -302,60 +307,6 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# The prep config tree (recipes in data_prep/ are files of this shape)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PrepConfig:
-    """How `medscale prep` turns a raw corpus into shards; recipes in data_prep/ set these."""
-
-    include: list[str] = field(default_factory=lambda: ["**/*"])
-    """Glob patterns (relative to each input directory) of files to consider."""
-    labels_csv: str = ""
-    """CSV of labels; relative paths resolve against the recipe's input directory."""
-    label_key: Literal["path", "filename", "stem", "SOPInstanceUID", "StudyInstanceUID", "PatientID"] = "path"
-    """Which identifier the CSV's key column holds."""
-    key_column: str = "path"
-    """CSV column matched against label_key."""
-    label_columns: list[str] = field(default_factory=list)
-    """Multi-label: one 0/1 column per finding. Empty for single-label (label_column)."""
-    label_column: str = "label"
-    """Multi-class: the column holding the class name."""
-    classes: list[str] = field(default_factory=list)
-    """Class names in index order (multi-class); empty: sorted distinct values of label_column."""
-    label_separator: str = ""
-    """Multi-label given as one column of names joined by this separator (e.g. '|' in ChestX-ray14)."""
-    no_finding: list[str] = field(default_factory=list)
-    """Names in a separator-joined label column that mean "no finding" (all zeros), e.g. 'No Finding'."""
-    label_from_dir: bool = False
-    """Take the class from the parent directory name (folder-per-class layouts)."""
-    patient_column: str = ""
-    """CSV column with the patient id: the patient of a photo (DICOM uses its PatientID), and the
-    patients a stratified split balances."""
-    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
-    """Patient-level split fractions."""
-    stratify: bool = False
-    """Stratify the patient split by label: every split gets its fraction of the patients of each
-    class (a patient counts under the rarest class it has). Needs the labels CSV to name patients
-    (patient_column, or label_key PatientID); patients it does not name keep the plain hash split."""
-    voi: Literal["metadata", "apply"] = "metadata"
-    """Keep VOI windows as metadata (lossless) or apply them to pixels."""
-    frames: Literal["samples", "volume"] = "samples"
-    """Multi-frame DICOM: one sample per frame, or one volume sample."""
-    encoding: Literal["zstd", "lz4", "png", "zlib"] = "zstd"
-    """Lossless pixel encoding in shards: zstd (smallest), lz4 (fastest, ~2x larger), zlib, png."""
-    compression_level: int = 1
-    """Level for the chosen encoding (zstd -5..22, png/zlib 0-9); 1 is fast and within ~1% of 3 on CT."""
-    shard_bytes: int = 256_000_000
-    """Target shard size in bytes."""
-    max_pixels: int = 100_000_000
-    """Reject images with more pixels than this (all frames and channels)."""
-    quarantine_burned_in: bool = True
-    """Quarantine images that carry or may carry burned-in text."""
-
-
-# ---------------------------------------------------------------------------------------------
 # Loading machinery
 # ---------------------------------------------------------------------------------------------
 
@@ -458,7 +409,15 @@ def _merge(cls: type[T], base: dict[str, Any], raw: Any, prefix: str, source: st
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' ({source}) must be a mapping, got {raw!r}")
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    renamed: dict[str, str] = getattr(cls, "_renamed", {})
     for key, value in raw.items():
+        if key in renamed:
+            new = renamed[key]
+            if new in raw:
+                raise ConfigError(f"config keys '{prefix}{key}' and '{prefix}{new}' ({source}) are the same setting "
+                                  f"under its old and new name; keep '{prefix}{new}'")
+            log.warning("config key '%s%s' (%s) is deprecated; it is now '%s%s'", prefix, key, source, prefix, new)
+            key = new
         if key not in names:
             raise _unknown_key(str(key), prefix, names, source)
         tp = hints[key]

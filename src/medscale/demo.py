@@ -127,11 +127,12 @@ def run_demo(out: Path, config: str | None = None, overrides: Sequence[str] = ()
 
     from tabulate import tabulate
 
-    from medscale.config import PrepConfig, RunConfig, load_config
+    from medscale.config import RunConfig, load_config
+    from medscale.prep.config import PrepConfig
     from medscale.dist import relaunch
     from medscale.prep.deid import load_pseudonym_key
     from medscale.prep.pipeline import PrepJob, prepare_output, run_prep
-    from medscale.report import print_eval, print_manifest_summary
+    from medscale.report.console import print_eval, print_manifest_summary
 
     config = config or "configs/demo.yaml"
     # Resolve the run config first: a bad override fails before minutes of data generation.
@@ -167,7 +168,7 @@ def run_demo(out: Path, config: str | None = None, overrides: Sequence[str] = ()
             print(f"medscale demo: training failed with exit code {rc}", file=sys.stderr)
             return rc
     else:
-        from medscale.train import train
+        from medscale.train.loop import train
 
         train(cfg)
     times["train_eval_s"] = time.perf_counter() - t

@@ -1,6 +1,5 @@
-"""Streaming input for training: shards to batches.
+"""Streaming input for training: shards to batches (the shard format itself is `medscale.formats`).
 
-- `medscale.data.manifest`: where the shards are (prep manifests, local, patterns, remote).
 - `medscale.data.order`: the epoch's global order and its split over ranks (pure functions).
 - `medscale.data.reader`: raw samples by (shard, index): random access, download cache, streams.
 - `medscale.data.transforms`: pixels to tensors (windows, normalisation, augmentation).

@@ -3,8 +3,8 @@
 How an epoch is cut (details in `medscale.data.order`):
 
 - The epoch's *global sequence* is a pure function of (manifest split, seed, epoch,
-  ``data.shuffle_buffer``, class balance): a seeded shard permutation, then a seeded permutation
-  of the samples inside blocks of whole shards holding at least ``shuffle_buffer`` samples. It
+  ``data.shuffle_block``, class balance): a seeded shard permutation, then a seeded permutation
+  of the samples inside blocks of whole shards holding at least ``shuffle_block`` samples. It
   does not depend on the number of ranks, workers or the micro-batch size.
 - Training consumes it in global batches of ``world x micro_batch``. Every rank yields exactly
   ``(N - position) // (world x micro_batch)`` micro-batches (the ragged tail is dropped), known
@@ -61,9 +61,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from medscale.codec import decode_pixels
+from medscale.formats.codec import decode_pixels
 from medscale.config import DataConfig
-from medscale.data.manifest import join_url, load_manifest
+from medscale.formats.manifest import join_url, load_manifest
 from medscale.data.order import (EpochOrder, class_weights, eval_batch_ids, eval_batches, stable_seed,
                                  train_batch_ids, worker_batches)
 from medscale.data.reader import ShardReader, scan_json
@@ -122,7 +122,7 @@ class ShardStream(IterableDataset):
     targets and valid flags into tensors and keeps the resume position).
 
     Args:
-        root: ``data.shards`` (see `medscale.data.manifest`).
+        root: ``data.shards`` (see `medscale.formats.manifest`).
         split: manifest split to read.
         cfg: data options.
         micro_batch: samples per micro-batch.
@@ -185,7 +185,7 @@ class ShardStream(IterableDataset):
     def fingerprint(self) -> str:
         """Digest of everything the epoch order depends on (not the world size)."""
         parts = [self.split, [(s["path"], s["samples"]) for s in self.shards], self.seed, self.train,
-                 self.cfg.shuffle_buffer, self.class_balance]
+                 self.cfg.shuffle_block, self.class_balance]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
@@ -207,7 +207,7 @@ class ShardStream(IterableDataset):
                     if state.get(k) != v]
         if problems:
             raise ValueError("loader state does not match this data/config (" + "; ".join(problems) + "): the "
-                             "manifest split, seed, data.shuffle_buffer or data.class_balance changed, so the "
+                             "manifest split, seed, data.shuffle_block or data.class_balance changed, so the "
                              "rest of the epoch cannot be continued exactly")
         position = int(state["position"])
         if not 0 <= position <= self.samples:
@@ -234,7 +234,7 @@ class ShardStream(IterableDataset):
     def order(self) -> EpochOrder:
         """The current epoch's global sequence."""
         return EpochOrder(self.counts, seed=self.seed, epoch=self.epoch, shuffle=self.train,
-                          block=self.cfg.shuffle_buffer, weights=self.weights)
+                          block=self.cfg.shuffle_block, weights=self.weights)
 
     def _class_weights(self) -> np.ndarray:
         """Per-sample weights from the labels: the manifest's ``sample_labels`` or a JSON scan."""

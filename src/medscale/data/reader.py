@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 from webdataset import tariterators
 
-from medscale.data.manifest import is_local, local_path, open_url
+from medscale.formats.manifest import is_local, local_path, open_url
 
 __all__ = ["ShardReader", "ReadErrors", "sample_key", "scan_tar", "cached_copy"]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medscale.config import PrepConfig
+from medscale.prep.config import PrepConfig
 
 __all__ = ["LabelTable", "load_labels"]
 

@@ -36,8 +36,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medscale.codec import encode_pixels, extension_for
-from medscale.config import PrepConfig, to_dict
+from medscale.formats.codec import encode_pixels, extension_for
+from medscale.config import to_dict
+from medscale.prep.config import PrepConfig
 from medscale.prep.deid import Pseudonymizer, burned_in_text_reason, safe_metadata
 from medscale.prep.dicom import decode_dicom, read_dicom
 from medscale.prep.errors import RejectedInput

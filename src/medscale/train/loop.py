@@ -12,17 +12,18 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from medscale.checkpoint import Checkpointer, TrainState
+from medscale.checkpoint.checkpointer import Checkpointer, TrainState
 from medscale.config import ConfigError, RunConfig, save_config, to_dict
 from medscale.data.loader import ShardStream, load_manifest, make_loader
 from medscale.dist import DistInfo, barrier, init_distributed
-from medscale.ema import ModelEma
-from medscale.engine import NumericsGuard, build_engine, input_dtype
-from medscale.evaluate import evaluate
-from medscale.losses import ClassificationLoss, build_loss
+from medscale.train.ema import ModelEma
+from medscale.train.engine import build_engine, input_dtype
+from medscale.train.numerics import NumericsGuard
+from medscale.eval.evaluate import evaluate
+from medscale.train.losses import ClassificationLoss, build_loss
 from medscale.models import create_model
-from medscale.throughput import Throughput, device_peak_tflops, flops_per_sample
-from medscale.tracking import Tracker, setup_logging
+from medscale.train.throughput import Throughput, device_peak_tflops, flops_per_sample
+from medscale.train.tracking import Tracker, setup_logging
 
 __all__ = ["train", "train_step", "MicroStep", "save_model", "seed_everything"]
 
@@ -104,7 +105,7 @@ def train_step(engine: Any, batch: dict[str, Any], loss_fn: ClassificationLoss, 
     if value is None:
         return MicroStep(None, False)  # skipped everywhere: no backward, so no collective is left half-done
     engine.backward(loss)
-    return MicroStep(value, guard.step())
+    return MicroStep(value, guard.optimizer_step())
 
 
 def seed_everything(seed: int) -> None:

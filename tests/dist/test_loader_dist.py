@@ -35,7 +35,7 @@ def _free_port() -> int:
 def _cfg(workers: int):
     from medscale.config import DataConfig
 
-    return DataConfig(image_size=16, channels=1, num_workers=workers, shuffle_buffer=16)
+    return DataConfig(image_size=16, channels=1, num_workers=workers, shuffle_block=16)
 
 
 # -- the rank process -------------------------------------------------------------------------------

@@ -20,11 +20,11 @@ import torch
 from medscale.config import RunConfig
 from medscale.data.loader import ShardStream, make_loader
 from medscale.dist import all_gather_objects
-from medscale.metrics import aggregate_by_group, classification_metrics
+from medscale.eval.metrics import aggregate_by_group, classification_metrics
 
 __all__ = ["predict", "evaluate", "load_run_model", "run_eval"]
 
-log = logging.getLogger("medscale.evaluate")
+log = logging.getLogger("medscale.eval.evaluate")
 
 
 @torch.no_grad()
@@ -167,7 +167,7 @@ def run_eval(run: str | Path, overrides: list[str] | tuple[str, ...] = (), split
     if dist.is_main:
         out = Path(output or run / f"eval_{split}.json")
         out.write_text(json.dumps(result, indent=1))
-        from medscale.report import print_eval
+        from medscale.report.console import print_eval
 
         print_eval(result, title=f"{split} ({out})")
     return result

@@ -22,7 +22,7 @@ from conftest import write_shards
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STEPS = 4
 
@@ -40,7 +40,7 @@ def job(tmp_path_factory):
     write_shards(tmp / "shards", {"train": [24, 20], "val": [6], "test": [11]}, size=16)
     config = {
         "data": {"shards": str(tmp / "shards"), "image_size": 16, "channels": 1, "num_workers": 1,
-                 "shuffle_buffer": 16},
+                 "shuffle_block": 16},
         "model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},
         "train": {"steps": STEPS, "micro_batch_size": 4, "warmup_steps": 1, "log_every": 1, "precision": "bf16",
                   "ema_decay": 0.5},

@@ -18,13 +18,14 @@ import pydicom
 import pytest
 from test_deid import NUMERIC_CANARIES, make_dicom
 
-from medscale.codec import decode_pixels
-from medscale.config import PrepConfig, load_config
+from medscale.formats.codec import decode_pixels
+from medscale.config import load_config
+from medscale.prep.config import PrepConfig
 from medscale.demo import write_synthetic_corpus
 from medscale.prep.deid import Pseudonymizer
 from medscale.prep.pipeline import PrepJob, merge, prepare_output, run_prep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY = bytes(range(32))
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from medscale.config import ConfigError, RunConfig, from_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
 
@@ -53,7 +53,7 @@ def _precision_of(path: Path) -> list[str]:
 def test_every_ds_config_resolves_and_deepspeed_accepts_it(path, monkeypatch):
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from medscale.engine import resolve_ds_config
+    from medscale.train.engine import resolve_ds_config
 
     for precision in _precision_of(path):
         if precision == "fp16":  # GPU-only: check the file as a GPU run would see it
@@ -83,7 +83,7 @@ def test_gpu_configs_cover_every_stage_and_offload():
 
 
 def test_contradictions_name_both_values(tmp_path):
-    from medscale.engine import resolve_ds_config
+    from medscale.train.engine import resolve_ds_config
 
     p = tmp_path / "ds.json"
     p.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))
@@ -100,7 +100,7 @@ def test_contradictions_name_both_values(tmp_path):
 
 
 def test_fp16_on_cpu_and_unsafe_combinations_are_refused(tmp_path):
-    from medscale.engine import resolve_ds_config
+    from medscale.train.engine import resolve_ds_config
 
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         resolve_ds_config(run_cfg(precision="fp16"), world=1, path=ROOT / "ds_configs" / "zero2_fp16.json")
@@ -117,7 +117,7 @@ def test_fp16_on_cpu_and_unsafe_combinations_are_refused(tmp_path):
 
 
 def test_param_groups_exempt_biases_norms_embeddings_tokens():
-    from medscale.engine import param_groups
+    from medscale.train.optim import param_groups
 
     model = tiny_vit()
     groups = param_groups(model, 0.05)
@@ -130,7 +130,7 @@ def test_param_groups_exempt_biases_norms_embeddings_tokens():
 
 
 def test_layer_wise_lr_decay_from_head_down():
-    from medscale.engine import build_optimizer, param_groups
+    from medscale.train.optim import build_optimizer, param_groups
 
     model = tiny_vit()
     depth = len(model.blocks)
@@ -146,7 +146,7 @@ def test_layer_wise_lr_decay_from_head_down():
 def test_lamb_gets_one_group_per_tensor():
     from timm.optim import Lamb
 
-    from medscale.engine import build_optimizer
+    from medscale.train.optim import build_optimizer
 
     model = tiny_vit()
     opt = build_optimizer(model, run_cfg(optimizer="lamb").train, {})
@@ -154,7 +154,7 @@ def test_lamb_gets_one_group_per_tensor():
 
 
 def test_warmup_then_cosine_per_step():
-    from medscale.engine import lr_factor
+    from medscale.train.optim import lr_factor
 
     cfg = run_cfg(steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-5)
     f = [lr_factor(s, cfg) for s in range(111)]
@@ -167,7 +167,7 @@ def test_warmup_then_cosine_per_step():
 
 
 def test_cross_entropy_with_smoothing_ignores_invalid_samples():
-    from medscale.losses import ClassificationLoss
+    from medscale.train.losses import ClassificationLoss
 
     logits, target = torch.randn(6, 3), torch.tensor([0, 2, 1, 1, 0, 2])
     valid = torch.tensor([True, True, False, True, True, False])
@@ -180,7 +180,7 @@ def test_cross_entropy_with_smoothing_ignores_invalid_samples():
 
 def test_bce_pos_weight_and_focal():
     from medscale.config import TrainConfig
-    from medscale.losses import ClassificationLoss, build_loss, pos_weight_from_manifest
+    from medscale.train.losses import ClassificationLoss, build_loss, pos_weight_from_manifest
 
     logits, target = torch.randn(5, 4), torch.randint(0, 2, (5, 4)).float()
     pw = torch.tensor([1.0, 3.0, 0.5, 10.0])
@@ -206,7 +206,7 @@ def test_bce_pos_weight_and_focal():
 
 
 def test_ema_update_state_and_swap():
-    from medscale.ema import ModelEma
+    from medscale.train.ema import ModelEma
 
     model = torch.nn.Linear(3, 2)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -254,7 +254,7 @@ class FakeEngine:
 
 
 def test_nonfinite_losses_skip_then_stop():
-    from medscale.engine import NumericsGuard
+    from medscale.train.numerics import NumericsGuard
 
     guard = NumericsGuard(FakeEngine(), run_cfg(max_nonfinite=3).train, world=1)
     assert guard.check_loss(torch.tensor(0.5)) == 0.5
@@ -269,26 +269,26 @@ def test_nonfinite_losses_skip_then_stop():
 
 
 def test_fp16_overflows_counted_and_a_collapse_stops_with_advice():
-    from medscale.engine import NumericsGuard
+    from medscale.train.numerics import NumericsGuard
 
     engine = FakeEngine(overflow=[True, True, False, True, True, True])
     guard = NumericsGuard(engine, run_cfg(max_overflow_steps=3).train, world=1)
     for _ in range(5):
-        assert guard.step()
+        assert guard.optimizer_step()
     assert guard.figures() == {"nonfinite_skipped": 0, "overflow_steps": 4, "loss_scale": 2.0 ** 12}
     with pytest.raises(FloatingPointError, match="loss scale collapsed.*3 steps in a row.*train.precision=bf16"):
-        guard.step()
+        guard.optimizer_step()
     dead = NumericsGuard(FakeEngine(fail="Current loss scale already at minimum - cannot decrease scale anymore. "
                                           "Exiting run."), run_cfg().train, world=1)
     with pytest.raises(FloatingPointError, match="switch to train.precision=bf16"):
-        dead.step()
+        dead.optimizer_step()
 
 
 # -- throughput ------------------------------------------------------------------------------------------
 
 
 def test_flops_and_mfu():
-    from medscale.throughput import Throughput, device_peak_tflops, flops_per_sample
+    from medscale.train.throughput import Throughput, device_peak_tflops, flops_per_sample
 
     from medscale.config import ModelConfig
 
@@ -311,7 +311,7 @@ def test_flops_and_mfu():
 
 
 def test_peak_table_for_known_gpus(monkeypatch):
-    from medscale.throughput import device_peak_tflops
+    from medscale.train.throughput import device_peak_tflops
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, bf16, fp32 in (("NVIDIA H100 80GB HBM3", 989.0, 494.0), ("NVIDIA H100 PCIe", 756.0, 378.0),
@@ -404,7 +404,7 @@ def test_ranks_from_srun_environment(monkeypatch):
 
 
 def test_binary_patient_is_positive_if_any_image_is():
-    from medscale.evaluate import _pool
+    from medscale.eval.evaluate import _pool
 
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]])
     pooled, target, names = _pool(probs, np.array([0, 1, 0, 0]), ["p1", "p1", "p2", "p2"], "multiclass",
@@ -416,7 +416,7 @@ def test_binary_patient_is_positive_if_any_image_is():
 
 
 def test_resume_takes_newest_complete_checkpoint(tmp_path):
-    from medscale.checkpoint import COMPLETE, Checkpointer
+    from medscale.checkpoint.checkpointer import COMPLETE, Checkpointer
     from medscale.dist import DistInfo
 
     cfg = from_dict(RunConfig, {"checkpoint": {"keep": 2}})
@@ -435,7 +435,7 @@ def test_resume_takes_newest_complete_checkpoint(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_run_configs_load_and_agree_with_their_deepspeed_config(path, monkeypatch):
     from medscale.config import load_config
-    from medscale.engine import resolve_ds_config
+    from medscale.train.engine import resolve_ds_config
 
     cfg = load_config(RunConfig, path)
     if cfg.train.precision == "fp16":

@@ -13,10 +13,11 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from medscale.config import PrepConfig, load_config
+from medscale.config import load_config
+from medscale.prep.config import PrepConfig
 from medscale.prep.pipeline import PrepJob, prepare_output, run_prep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY = bytes(range(32))
 rng = np.random.default_rng(0)
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medscale.config import ConfigError, PrepConfig, RunConfig, from_dict, load_config, save_config, to_dict
+from medscale.config import ConfigError, RunConfig, from_dict, load_config, save_config, to_dict
+from medscale.prep.config import PrepConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, data, name="run.yaml"):
@@ -109,3 +110,17 @@ def test_cli_rejects_bad_value_before_any_process_starts(tmp_path):
     assert "train.lr" in r.stderr and "'abc'" in r.stderr
     assert "launching" not in r.stdout
     assert not out.exists()  # nothing was written: no launcher, no ranks
+
+
+def test_renamed_key_is_accepted_with_a_warning(tmp_path, caplog):
+    f = tmp_path / "old.yaml"
+    f.write_text("data:\n  shuffle_buffer: 512\n")
+    with caplog.at_level("WARNING", logger="medscale.config"):
+        cfg = load_config(RunConfig, f)
+    assert cfg.data.shuffle_block == 512
+    assert "data.shuffle_buffer" in caplog.text and "data.shuffle_block" in caplog.text
+    assert load_config(RunConfig, None, ["data.shuffle_buffer=64"]).data.shuffle_block == 64
+    both = tmp_path / "both.yaml"
+    both.write_text("data:\n  shuffle_buffer: 512\n  shuffle_block: 64\n")
+    with pytest.raises(ConfigError, match="old and new name"):
+        load_config(RunConfig, both)

@@ -92,7 +92,7 @@ def _dump(manifest: dict[str, Any], root: str, n: int, out: Path) -> None:
     from PIL import Image
     from webdataset import tariterators
 
-    from medscale.codec import decode_pixels
+    from medscale.formats.codec import decode_pixels
 
     out.mkdir(parents=True, exist_ok=True)
     urls = [{"url": str(Path(root) / s["path"])} for s in manifest["shards"]]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from medscale.codec import encode_pixels, extension_for
+from medscale.formats.codec import encode_pixels, extension_for
 from medscale.config import DataConfig
 from medscale.data import loader as loader_mod
 from medscale.data.loader import ShardStream, load_manifest, make_loader
@@ -21,7 +21,7 @@ from medscale.data.transforms import SampleTransform
 def cfg(workers=0, **kw):
     """A DataConfig; options DataConfig does not have yet are set as attributes (the loader uses getattr)."""
     known = set(DataConfig.__dataclass_fields__)
-    base = {"image_size": 16, "channels": 1, "num_workers": workers, "shuffle_buffer": 8, **kw}
+    base = {"image_size": 16, "channels": 1, "num_workers": workers, "shuffle_block": 8, **kw}
     c = DataConfig(**{k: v for k, v in base.items() if k in known})
     for k, v in base.items():
         if k not in known:
@@ -180,7 +180,7 @@ def test_resume_skips_without_decoding(shard_factory, monkeypatch):
 def test_state_from_other_data_or_order_is_refused(shard_factory):
     _, root = shard_factory({"train": [20, 20]})
     state = ShardStream(str(root), "train", cfg(), micro_batch=4, seed=0).state_dict()
-    with pytest.raises(ValueError, match="shuffle_buffer"):
+    with pytest.raises(ValueError, match="shuffle_block"):
         ShardStream(str(root), "train", cfg(), micro_batch=4, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match="position"):
         ShardStream(str(root), "train", cfg(), micro_batch=4, seed=0).load_state_dict({**state, "position": 99})
@@ -353,7 +353,7 @@ def test_corrupt_eval_samples_become_padding(tmp_path):
 @pytest.mark.parametrize("limit", [0.05, 0.0])
 def test_evaluation_reports_corrupt_samples_within_the_limit(tmp_path, limit):
     from medscale.config import RunConfig, from_dict
-    from medscale.evaluate import evaluate
+    from medscale.eval.evaluate import evaluate
 
     root = corrupt_dataset(tmp_path / "s", bad_samples=(3,))  # 1 of 30
     data = {"image_size": 16, "channels": 1, "num_workers": 0, "max_corrupt_fraction": limit}
@@ -392,10 +392,10 @@ def test_class_balanced_epochs_oversample_the_rare_class(tmp_path):
     (root / "manifest.json").write_text(json.dumps(
         {"task": "multiclass", "classes": ["common", "rare"],
          "shards": [{"path": "train-0.tar", "split": "train", "samples": 200}]}))
-    s = ShardStream(str(root), "train", cfg(class_balance=1.0, shuffle_buffer=64), micro_batch=10, seed=0)
+    s = ShardStream(str(root), "train", cfg(class_balance=1.0, shuffle_block=64), micro_batch=10, seed=0)
     targets = torch.cat([b["target"] for b in make_loader(s)])
     assert len(targets) == 200 and 0.35 < float(targets.float().mean()) < 0.65  # 10% rare -> about half
-    s2 = ShardStream(str(root), "train", cfg(class_balance=1.0, shuffle_buffer=64), micro_batch=10, seed=0)
+    s2 = ShardStream(str(root), "train", cfg(class_balance=1.0, shuffle_block=64), micro_batch=10, seed=0)
     s.set_epoch(0)  # same seed and epoch, same draws
     assert keys_of(s) == keys_of(s2)
 
@@ -448,7 +448,7 @@ def test_a_worker_with_nothing_readable_never_raises_alone(tmp_path):
     # Raising in one rank would leave the others waiting in a collective; the global
     # corrupt-fraction check is what stops a run, on every rank at once.
     root = corrupt_dataset(tmp_path / "s", bad_samples=tuple(range(10)))
-    s = ShardStream(str(root), "train", cfg(max_corrupt_fraction=1.0, shuffle_buffer=1), micro_batch=5, seed=0)
+    s = ShardStream(str(root), "train", cfg(max_corrupt_fraction=1.0, shuffle_block=1), micro_batch=5, seed=0)
     batches = list(make_loader(s))
     assert len(batches) == 6 and s.stats()["corrupt_samples"] == 10
     assert sum(int(b["valid"].sum()) for b in batches) == 20
@@ -457,7 +457,7 @@ def test_a_worker_with_nothing_readable_never_raises_alone(tmp_path):
 
 
 def test_url_forms():
-    from medscale.data.manifest import is_local, join_url, wds_gopen
+    from medscale.formats.manifest import is_local, join_url, wds_gopen
 
     assert join_url("pipe:aws s3 cp s3://b/prep/{} -", "train-0.tar") == "pipe:aws s3 cp s3://b/prep/train-0.tar -"
     assert join_url("pipe:curl -s https://h/prep", "m.json") == "pipe:curl -s https://h/prep/m.json"

@@ -35,7 +35,7 @@ from medscale.dist import DistInfo, barrier
 
 __all__ = ["Checkpointer", "TrainState"]
 
-log = logging.getLogger("medscale.checkpoint")
+log = logging.getLogger("medscale.checkpoint.checkpointer")
 
 _TAG = re.compile(r"^step(\d{8,})$")
 COMPLETE = "complete.json"

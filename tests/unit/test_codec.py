@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medscale.codec import ENCODINGS, decode_pixels, encode_pixels, extension_for
+from medscale.formats.codec import ENCODINGS, decode_pixels, encode_pixels, extension_for
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_BATCH = 8
 STEPS = 5
 EMA_DECAY = 0.8
@@ -81,10 +81,11 @@ def _rank_main(out: str, names: list[str]) -> None:
     import torch
 
     from medscale.dist import init_distributed
-    from medscale.ema import ModelEma
-    from medscale.engine import NumericsGuard, build_engine, resolve_ds_config
-    from medscale.losses import build_loss
-    from medscale.train import train_step
+    from medscale.train.ema import ModelEma
+    from medscale.train.engine import build_engine, resolve_ds_config
+    from medscale.train.numerics import NumericsGuard
+    from medscale.train.losses import build_loss
+    from medscale.train.loop import train_step
 
     torch.set_num_threads(1)
     dist = init_distributed(timeout_minutes=2)
@@ -135,8 +136,8 @@ def _reference(precision_name: str, accum: int) -> dict:
     """Plain PyTorch, one process, the whole global batch: losses, EMA, logits with EMA weights."""
     import torch
 
-    from medscale.engine import build_optimizer, lr_factor
-    from medscale.losses import build_loss
+    from medscale.train.optim import build_optimizer, lr_factor
+    from medscale.train.losses import build_loss
 
     cfg = _run_cfg("fp32", 1, accum)
     model = _model(cfg)

@@ -1,4 +1,4 @@
-"""Unit tests of medscale.metrics: exact values by hand and brute force, sklearn as a reference."""
+"""Unit tests of medscale.eval.metrics: exact values by hand and brute force, sklearn as a reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from medscale.metrics import (
+from medscale.eval.metrics import (
     aggregate_by_group,
     average_precision,
     classification_metrics,

@@ -21,7 +21,7 @@ from conftest import write_shards
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -46,7 +46,7 @@ def shards(tmp_path_factory):
 
 def _config(tmp: Path, shards: Path, **train) -> Path:
     config = {
-        "data": {"shards": str(shards), "image_size": 16, "channels": 1, "num_workers": 1, "shuffle_buffer": 16},
+        "data": {"shards": str(shards), "image_size": 16, "channels": 1, "num_workers": 1, "shuffle_block": 16},
         "model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},
         "train": {"steps": 6, "micro_batch_size": 4, "warmup_steps": 2, "log_every": 1, "precision": "fp32",
                   "ema_decay": 0.7, **train},
@@ -111,7 +111,7 @@ def test_resume_continues_exactly(tmp_path, shards):
 
     # `medscale eval` on the finished run: the EMA weights, the same metrics as at the end of training
     out = tmp_path / "eval_test.json"
-    code = (f"from medscale.evaluate import run_eval; run_eval({str(whole)!r}, output={str(out)!r})")
+    code = (f"from medscale.eval.evaluate import run_eval; run_eval({str(whole)!r}, output={str(out)!r})")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads(out.read_text())
@@ -142,10 +142,11 @@ NONFINITE = r"""
 import torch
 from medscale.config import RunConfig, from_dict
 from medscale.dist import init_distributed
-from medscale.engine import NumericsGuard, build_engine, resolve_ds_config
-from medscale.losses import build_loss
+from medscale.train.engine import build_engine, resolve_ds_config
+from medscale.train.numerics import NumericsGuard
+from medscale.train.losses import build_loss
 from medscale.models import create_model
-from medscale.train import train_step
+from medscale.train.loop import train_step
 
 init_distributed()
 cfg = from_dict(RunConfig, {"model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},

@@ -21,7 +21,7 @@ from medscale.config import ModelConfig
 
 __all__ = ["flops_per_sample", "device_peak_tflops", "Throughput"]
 
-log = logging.getLogger("medscale.throughput")
+log = logging.getLogger("medscale.train.throughput")
 
 # Dense (no sparsity) peak TFLOP/s per device: (bf16/fp16 tensor cores, tf32). Vendor data sheets;
 # the first matching name wins, so more specific names come first.

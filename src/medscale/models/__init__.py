@@ -1,0 +1,5 @@
+"""Models as plain ``nn.Module``s: timm architectures by name, local weights only; no DeepSpeed here."""
+
+from medscale.models.factory import create_model, load_weights
+
+__all__ = ["create_model", "load_weights"]

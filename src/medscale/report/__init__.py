@@ -1,0 +1,1 @@
+"""Human-facing output: console tables of manifests and evaluation results, `medscale inspect`."""
