@@ -1,4 +1,4 @@
-"""De-identification, pseudonyms, burned-in-text quarantine, patient splits and photo loading."""
+"""De-identification, pseudonyms, burned-in-text quarantine and photo loading (splits: test_splits.py)."""
 
 from __future__ import annotations
 
@@ -276,59 +276,6 @@ def test_malformed_numbers_are_dropped_not_guessed() -> None:
 )
 def test_burned_in_text_reason(attrs: dict, reason: str | None) -> None:
     assert burned_in_text_reason(make_dicom(**attrs)) == reason
-
-
-# ---------------------------------------------------------------------------------------------
-# Patient-level split
-# ---------------------------------------------------------------------------------------------
-
-FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
-
-
-def test_split_is_deterministic_keyed_and_close_to_the_fractions() -> None:
-    pseudo = Pseudonymizer(KEY)
-    patients = [pseudo("patient", f"MRN{i:06d}") for i in range(10_000)]
-    splits = [pseudo.split(p, FRACTIONS) for p in patients]
-    assert splits == [Pseudonymizer(KEY).split(p, FRACTIONS) for p in patients]
-    for name, fraction in FRACTIONS.items():
-        assert abs(splits.count(name) / len(splits) - fraction) < 0.02
-    # The stacking order is fixed, so the dict's order does not move anyone.
-    reordered = {"test": 0.1, "val": 0.1, "train": 0.8}
-    assert [pseudo.split(p, reordered) for p in patients[:500]] == splits[:500]
-    other = Pseudonymizer(OTHER_KEY)
-    assert [other.split(p, FRACTIONS) for p in patients[:500]] != splits[:500]
-
-
-def test_all_images_of_a_patient_share_a_split() -> None:
-    pseudo = Pseudonymizer(KEY)
-    for i in range(50):
-        splits = {
-            pseudo.split(safe_metadata(make_dicom(PatientID=f"P{i}", SOPInstanceUID=f"1.2.3.{i}.{j}"), pseudo)["patient"], FRACTIONS)
-            for j in range(4)
-        }
-        assert len(splits) == 1
-
-
-def test_split_edge_fractions() -> None:
-    pseudo = Pseudonymizer(KEY)
-    patients = [pseudo("patient", str(i)) for i in range(300)]
-    assert {pseudo.split(p, {"train": 1.0, "val": 0.0, "test": 0.0}) for p in patients} == {"train"}
-    assert {pseudo.split(p, {"train": 0.5, "holdout": 0.5}) for p in patients} == {"train", "holdout"}
-
-
-@pytest.mark.parametrize(
-    ("fractions", "needle"),
-    [
-        ({"train": 0.8, "val": 0.1}, "sum to 1"),
-        ({"train": 1.1, "val": -0.1}, "'val'"),
-        ({"train": float("nan"), "val": 1.0}, "'train'"),
-        ({"train": True}, "'train'"),
-        ({}, "empty"),
-    ],
-)
-def test_split_validation(fractions: dict, needle: str) -> None:
-    with pytest.raises(ValueError, match=needle):
-        Pseudonymizer(KEY).split("abc", fractions)
 
 
 def test_pseudonymizer_rejects_short_keys_and_bad_kinds() -> None:

@@ -12,7 +12,7 @@ import webdataset as wds
 
 from medscale.formats.codec import encode_pixels, extension_for
 from medscale.config import DataConfig
-from medscale.data import loader as loader_mod
+from medscale.formats import sample as sample_mod
 from medscale.data.loader import ShardStream, load_manifest, make_loader
 from medscale.data.order import EpochOrder, class_weights
 from medscale.data.transforms import SampleTransform
@@ -169,8 +169,8 @@ def test_rank_change_resplits_the_rest_of_the_epoch(shard_factory, before, after
 def test_resume_skips_without_decoding(shard_factory, monkeypatch):
     _, root = shard_factory({"train": [40, 40]})
     decoded = []
-    real = loader_mod.decode_pixels
-    monkeypatch.setattr(loader_mod, "decode_pixels", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    real = sample_mod.decode_pixels
+    monkeypatch.setattr(sample_mod, "decode_pixels", lambda *a, **k: decoded.append(1) or real(*a, **k))
     s = ShardStream(str(root), "train", cfg(), micro_batch=4, seed=0)
     s.load_state_dict({**s.state_dict(), "position": 60})
     assert len(keys_of(s)) == 5
@@ -218,18 +218,16 @@ def test_decoding_keeps_every_bit_of_8_and_16_bit_images(tmp_path, encoding, dty
     assert len(np.unique(np.round(x.numpy() * (info.max - info.min)))) == len(np.unique(img))
 
 
-def test_ct_windows_stack_as_channels_and_monochrome1_is_inverted(tmp_path):
+def test_ct_windows_stack_as_channels(tmp_path):
+    # MONOCHROME1 is inverted by prep, not by the loader: test_formats.py checks it end to end.
     hu = np.tile(np.linspace(-1200, 1600, 16), (16, 1)).astype(np.int16)
     write_images(tmp_path / "m2", [hu])
-    write_images(tmp_path / "m1", [hu], meta={"photometric": "MONOCHROME1"})
     windows = [[40, 400], [-600, 1500], [400, 1800]]
     c = cfg(windows=windows, normalize="window", channels=3)
     x = next(iter(make_loader(ShardStream(str(tmp_path / "m2"), "test", c, micro_batch=1, train=False))))["image"][0]
     for ch, (center, width) in enumerate(windows):
         expect = np.clip((hu.astype(np.float64) - (center - width / 2)) / width, 0, 1)
         np.testing.assert_allclose(x[ch].numpy(), expect, atol=1e-6)
-    inv = next(iter(make_loader(ShardStream(str(tmp_path / "m1"), "test", c, micro_batch=1, train=False))))["image"][0]
-    torch.testing.assert_close(inv, 1 - x)
 
 
 def test_channels_zscore_and_colour():
@@ -363,9 +361,9 @@ def test_evaluation_reports_corrupt_samples_within_the_limit(tmp_path, limit):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 2))
     if limit == 0.0:
         with pytest.raises(RuntimeError, match="1 corrupt samples in split 'train'.*data.max_corrupt_fraction=0.0"):
-            evaluate(model, s, run, torch.float32, torch.device("cpu"))
+            evaluate(model, s, run.eval, torch.float32, torch.device("cpu"))
         return
-    result = evaluate(model, s, run, torch.float32, torch.device("cpu"))
+    result = evaluate(model, s, run.eval, torch.float32, torch.device("cpu"))
     assert result["n_samples"] == 29 and result["corrupt_samples"] == 1 and result["expected_samples"] == 30
 
 

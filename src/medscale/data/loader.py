@@ -24,22 +24,26 @@ being cut into rank slices (the gradient, averaged over the global batch, is the
 rank needs about ``K / world + 3`` of the ``K`` shards of a shuffle block rather than all of
 them. Each data-loader worker builds whole micro-batches, so every worker of a rank opens the
 rank's shards of the block: a shard is opened about ``workers x (1 + world / K)`` times an
-epoch (``bench/loader.py`` computes it from this order: with 1300-sample shards, 8 workers and
-65536-sample blocks, 16 times for 8 ranks and 29 for 64; with 512-sample blocks, 41). What an
-open costs:
+epoch (``bench/loader.py`` computes it from this order for larger deployments; figures in
+BENCHMARKS.md). What an open costs:
 
-- local shards (the common case): a scan of the tar headers (about 11 us a sample) and then
-  random access; each sample's bytes are read once an epoch, by the worker that uses it (bytes
-  read / shard bytes measured at 0.99), and samples that are skipped, on resume or because
-  another rank uses them, are neither read nor decoded;
-- remote shards with ``data.cache_dir``: one download per node that needs it (1.0 and 2.75 a
-  shard for the 8- and 64-rank cases above, 8 ranks a node), kept for later epochs, then read
-  as local shards;
+- local shards (the common case): reading the shard's index file written by prep (or, for a
+  shard without one, a scan of its tar headers) and then random access; each sample's bytes
+  are read once an epoch, by the worker that uses it, and samples that are skipped, on resume
+  or because another rank uses them, are neither read nor decoded;
+- remote shards with ``data.cache_dir``: one download per node that needs it, kept for later
+  epochs, then read as local shards;
 - remote shards without a cache: one full stream per open; only the members this worker uses
   are kept, undecoded, until used.
 
-Batches are dicts: ``image`` (B, C, H, W) float, ``target``, ``key``, ``patient``, ``study``,
-``valid`` (bool; False for padding and stand-ins) and ``stats`` (see below).
+Batches are dicts: ``image`` (B, C, H, W) float, ``target`` (class indices, or 0/1 floats for
+multi-label; absent when the stream reads no labels, ``labels=False``), ``key``, ``patient``,
+``study``, ``valid`` (bool; False for padding and stand-ins) and ``stats`` (see below).
+
+Labels are optional in shards (`medscale.formats.sample`). A stream built with ``labels=True``
+(the default: classification) needs a labeled manifest and counts a sample without a label as
+corrupt; ``labels=False`` (objectives that learn from the images alone) never reads them, so an
+unlabeled prep output streams with no corrupt samples.
 
 Corrupt data: a shard that cannot be opened or is short, or a sample that does not decode, is
 logged and counted, and its slot in the micro-batch is filled with a copy of another sample of
@@ -61,13 +65,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from medscale.formats.codec import decode_pixels
 from medscale.config import DataConfig
-from medscale.formats.manifest import join_url, load_manifest
 from medscale.data.order import (EpochOrder, class_weights, eval_batch_ids, eval_batches, stable_seed,
                                  train_batch_ids, worker_batches)
-from medscale.data.reader import ShardReader, scan_json
+from medscale.data.reader import ShardReader, shard_labels
 from medscale.data.transforms import SampleTransform
+from medscale.errors import ConfigError
+from medscale.formats.manifest import has_labels, join_url, load_manifest, task_of
+from medscale.formats.sample import decode_members, label_field
 
 __all__ = ["load_manifest", "ShardStream", "StreamLoader", "make_loader", "decode_sample", "Batch",
            "STATE_VERSION"]
@@ -77,44 +82,43 @@ log = logging.getLogger("medscale.data")
 Batch = dict[str, Any]
 STATE_VERSION = 1
 _CHECK_EVERY = 16  # batches between global corrupt-count checks (one tiny all-reduce)
-_LOG_FIRST = 10  # corrupt samples logged one by one per worker and epoch, then every 100th
+_LOG_FIRST = 10  # corrupt samples logged one by one per worker and epoch, then every _LOG_EVERY-th
+_LOG_EVERY = 100
+_FINGERPRINT_HEX = 16  # hex characters of the order fingerprint in the resume state (64 bits)
 _MASK63 = (1 << 63) - 1
+# Batches each loader worker prepares ahead: enough to hide a slow shard open behind decoding.
+_PREFETCH = 4
+# A worker keeps the member offsets of its share of two shuffle blocks (the one it reads and the
+# next, ``2 * block_shards / world``) plus this many: the few shards a sorted global batch reaches
+# past that share (see `medscale.data.order`).
+_INDEX_SLACK = 8
 
 
 def _opt(cfg: DataConfig, name: str, default: Any) -> Any:
     return getattr(cfg, name, default)
 
 
-def decode_sample(raw: dict[str, Any], transform: SampleTransform, task: str, num_classes: int) -> dict[str, Any]:
+def decode_sample(raw: dict[str, Any], transform: SampleTransform, task: str, num_classes: int,
+                  labels: bool = True) -> dict[str, Any]:
     """One raw shard sample (``json`` + ``pix.*`` bytes) to an item of a batch.
 
-    The target stays a Python value (class index, or 0/1 list for multi-label): the loader turns a
-    batch's targets into one tensor in the main process, which spares a tensor hand-over between
-    processes (about 0.7 ms a batch).
+    With ``labels`` the item has a ``target`` and a sample without a label is an error; without,
+    labels are not read and the item has no ``target``. The target stays a Python value (class
+    index, or 0/1 list for multi-label): the loader turns a batch's targets into one tensor in the
+    main process, which spares a tensor hand-over between processes.
 
     Raises:
         ValueError: (or a decoder error) for a sample that cannot be used; the caller counts it.
     """
     key = raw.get("__key__", "?")
-    if "json" not in raw:
-        raise ValueError(f"sample {key} has no .json member")
-    info = json.loads(raw["json"])
-    ext = next((k for k in raw if k.startswith("pix.")), None)
-    if ext is None:
-        raise ValueError(f"sample {key} has no pixel member (.pix.zst, .pix.zlib or .pix.png)")
-    pixels = decode_pixels(raw[ext], ext, info.get("pixels"))
-    if task == "multilabel":
-        labels = info.get("labels")
-        if labels is None or (num_classes and len(labels) != num_classes):
-            raise ValueError(f"sample {key}: 'labels' is {labels!r}, expected {num_classes} 0/1 values")
-        target: Any = [float(v) for v in labels]
-    else:
-        label = info.get("label")
-        if not isinstance(label, int) or label < 0 or (num_classes and label >= num_classes):
-            raise ValueError(f"sample {key}: 'label' is {label!r}, expected a class index below {num_classes}")
-        target = label
-    return {"image": transform(pixels, info), "target": target, "key": key,
-            "patient": info.get("patient") or "", "study": info.get("study") or "", "valid": True}
+    pixels, info, label = decode_members(raw, task, num_classes, labels=labels)
+    item = {"image": transform(pixels, info), "key": key, "patient": info.get("patient") or "",
+            "study": info.get("study") or "", "valid": True}
+    if labels:
+        if label is None:
+            raise ValueError(f"sample {key} has no {label_field(task)!r} in a labeled split")
+        item["target"] = label
+    return item
 
 
 class ShardStream(IterableDataset):
@@ -131,14 +135,25 @@ class ShardStream(IterableDataset):
             pad (False).
         seed: seeds the order and the augmentation.
         manifest: an already loaded manifest (`load_manifest`), to avoid reading it again.
+        labels: read each sample's label into ``batch["target"]`` (a sample without one is
+            corrupt); False reads no labels and batches have no ``target`` key.
+
+    Raises:
+        ConfigError: ``labels`` with a manifest that has none, or class balancing without labels.
     """
 
     def __init__(self, root: str, split: str, cfg: DataConfig, *, micro_batch: int, rank: int = 0,
-                 world: int = 1, train: bool = True, seed: int = 0, manifest: dict[str, Any] | None = None):
+                 world: int = 1, train: bool = True, seed: int = 0, manifest: dict[str, Any] | None = None,
+                 labels: bool = True):
         self.manifest = manifest or load_manifest(root)
         self.root, self.split, self.cfg = root, split, cfg
         self.micro_batch, self.rank, self.world = micro_batch, rank, world
-        self.train, self.seed = train, seed
+        self.train, self.seed, self.labels = train, seed, labels
+        if labels and not has_labels(self.manifest):
+            raise ConfigError(
+                f"this objective needs labels, but the shards in {root} have none (`medscale prep` ran without "
+                "a labels CSV): prep them again with --labels LABELS.csv (or a recipe's labels_csv, or "
+                "label_from_dir for folder-per-class layouts), or train an objective that needs no labels")
         if micro_batch < 1 or world < 1 or not 0 <= rank < world:
             raise ValueError(f"invalid micro_batch={micro_batch}, rank={rank}, world={world}")
         shards = [dict(s, url=s.get("url") or join_url(root, s["path"]))
@@ -150,18 +165,21 @@ class ShardStream(IterableDataset):
         self.samples = sum(self.counts)
         if self.samples == 0:
             have = sorted({s["split"] for s in self.manifest["shards"]})
-            raise ValueError(f"split {split!r} has no samples in {root}/manifest.json (splits there: {have})")
+            raise ConfigError(f"split {split!r} has no samples in {root}/manifest.json (splits there: {have})")
         if train and self.samples < world * micro_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"split {split!r} has {self.samples} samples, fewer than one global micro-batch "
                 f"({world} ranks x {micro_batch}); lower train.micro_batch_size"
             )
         self.workers = max(1, cfg.num_workers)
-        self.task = self.manifest.get("task", "multiclass")
+        self.task = task_of(self.manifest)
         self.num_classes = len(self.manifest.get("classes") or [])
         self.transform = SampleTransform(cfg, train=train)
         self.max_corrupt_fraction = float(_opt(cfg, "max_corrupt_fraction", 0.01))
         self.class_balance = float(_opt(cfg, "class_balance", 0.0)) if train else 0.0
+        if self.class_balance > 0 and not labels:
+            raise ConfigError(f"data.class_balance={self.class_balance} draws samples by class, but this stream "
+                              "reads no labels (an objective without labels); set data.class_balance=0")
         self.cache_dir = str(_opt(cfg, "cache_dir", ""))
         self.weights = self._class_weights() if self.class_balance > 0 else None
         self.epoch, self.position = 0, 0
@@ -186,7 +204,7 @@ class ShardStream(IterableDataset):
         """Digest of everything the epoch order depends on (not the world size)."""
         parts = [self.split, [(s["path"], s["samples"]) for s in self.shards], self.seed, self.train,
                  self.cfg.shuffle_block, self.class_balance]
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:_FINGERPRINT_HEX]
 
     def state_dict(self) -> dict[str, Any]:
         """Where this stream is: ``{"version", "split", "epoch", "position", "samples", "order"}``.
@@ -206,7 +224,7 @@ class ShardStream(IterableDataset):
                     (("split", self.split), ("samples", self.samples), ("order", self.fingerprint()))
                     if state.get(k) != v]
         if problems:
-            raise ValueError("loader state does not match this data/config (" + "; ".join(problems) + "): the "
+            raise ConfigError("loader state does not match this data/config (" + "; ".join(problems) + "): the "
                              "manifest split, seed, data.shuffle_block or data.class_balance changed, so the "
                              "rest of the epoch cannot be continued exactly")
         position = int(state["position"])
@@ -237,14 +255,12 @@ class ShardStream(IterableDataset):
                           block=self.cfg.shuffle_block, weights=self.weights)
 
     def _class_weights(self) -> np.ndarray:
-        """Per-sample weights from the labels: the manifest's ``sample_labels`` or a JSON scan."""
-        if all("sample_labels" in s for s in self.shards):
-            per_shard = [s["sample_labels"] for s in self.shards]
-        else:
-            log.info("class balancing: reading the labels of %d %s samples (JSON members only)",
-                     self.samples, self.split)
-            per_shard, _ = scan_json(self.urls, self.counts, _label_of)  # scan errors are logged
+        """Per-sample weights from the labels, read from the shards' index files (a JSON scan of
+        the shards without one)."""
+        per_shard = shard_labels(self.urls, self.counts, indexes=[s.get("index_url") for s in self.shards],
+                                 sizes=[s.get("bytes") or None for s in self.shards])
         flat = [x for shard in per_shard for x in shard]
+        flat += [None] * (self.samples - len(flat))  # a short shard's missing samples
         missing = sum(x is None for x in flat)
         if self.task == "multilabel":
             width = self.num_classes or max((len(x) for x in flat if x is not None), default=0)
@@ -267,8 +283,9 @@ class ShardStream(IterableDataset):
         order = self.order() if self.train else None
         per_block = order.max_shards_per_block() if order is not None else 1
         reader = ShardReader(self.urls, self.counts, cache_dir=self.cache_dir,
-                             index_shards=2 * per_block // self.world + 8,
-                             sizes=[s.get("bytes") or None for s in self.shards])
+                             index_shards=2 * per_block // self.world + _INDEX_SLACK,
+                             sizes=[s.get("bytes") or None for s in self.shards],
+                             indexes=[s.get("index_url") for s in self.shards])
         acct = _Accounting(self, reader, worker)
         try:
             if order is not None:
@@ -319,10 +336,10 @@ class ShardStream(IterableDataset):
         if self.transform.train:
             # Augmentation depends on (seed, epoch, position) only: the same for any world size.
             # Only the CPU generator: torch.manual_seed also queues lazy CUDA seeding, which
-            # captures a stack trace each call (about 0.1 ms, 3% of a CT sample).
+            # captures a stack trace each call.
             torch.default_generator.manual_seed(_mix(acct.seed_base + position))
         try:
-            return decode_sample(raw, self.transform, self.task, self.num_classes)
+            return decode_sample(raw, self.transform, self.task, self.num_classes, self.labels)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt sample: counted, logged, skipped
             acct.corrupt(f"sample {raw.get('__key__')} in {raw.get('__url__')}: {type(e).__name__}: {e}")
             return None
@@ -334,8 +351,10 @@ class ShardStream(IterableDataset):
         the corrupt-fraction check stops all ranks together instead.
         """
         good = next((x for x in items if x is not None), acct.last_good)
-        if good is None:  # nothing readable yet in this worker: a blank image of class 0
-            good = dict(self._padding(), target=[0.0] * self.num_classes if self.task == "multilabel" else 0)
+        if good is None:  # nothing readable yet in this worker: a blank image (of class 0)
+            good = self._padding()
+            if self.labels:
+                good["target"] = [0.0] * self.num_classes if self.task == "multilabel" else 0
         else:
             acct.last_good = good
         stand_in = dict(good, valid=False)
@@ -343,9 +362,10 @@ class ShardStream(IterableDataset):
 
     def _padding(self) -> dict[str, Any]:
         c, s = self.cfg.channels, self.cfg.image_size
-        target: Any = [0.0] * self.num_classes if self.task == "multilabel" else -1
-        return {"image": torch.zeros(c, s, s), "target": target, "key": "", "patient": "", "study": "",
-                "valid": False}
+        item = {"image": torch.zeros(c, s, s), "key": "", "patient": "", "study": "", "valid": False}
+        if self.labels:
+            item["target"] = [0.0] * self.num_classes if self.task == "multilabel" else -1
+        return item
 
     # -- main-process side (called by StreamLoader) ---------------------------------------------
 
@@ -390,11 +410,6 @@ def _mix(x: int) -> int:
     return (x ^ (x >> 31)) & _MASK63
 
 
-def _label_of(data: bytes) -> Any:
-    info = json.loads(data)
-    return info.get("label", info.get("labels"))
-
-
 class _Accounting:
     """Per-worker corrupt counting, logging and the ``stats`` each batch carries."""
 
@@ -414,7 +429,7 @@ class _Accounting:
         self.corrupt_total += 1
         self.in_batch += 1
         n = self.corrupt_total
-        if n <= _LOG_FIRST or n % 100 == 0:
+        if n <= _LOG_FIRST or n % _LOG_EVERY == 0:
             log.warning("skipping corrupt sample (%d so far in rank %d worker %d): %s", n, self.stream.rank,
                         self.worker, why)
 
@@ -443,6 +458,7 @@ def _sum_over_ranks(value: int, world: int) -> int:
 
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault in a range's pages in one call (no GIL held)
+_PAGE_BYTES = 4096  # madvise takes a page-aligned start
 _LIBC: Any = None
 
 
@@ -461,8 +477,9 @@ def _new_shared(shape: tuple[int, ...], populate: bool = False) -> torch.Tensor:
 
                 _LIBC = ctypes.CDLL(None, use_errno=True)
                 _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            start = t.data_ptr() & ~4095
-            _LIBC.madvise(start, numel * 4 + t.data_ptr() - start, _MADV_POPULATE_WRITE)  # failure is harmless
+            start = t.data_ptr() & ~(_PAGE_BYTES - 1)
+            _LIBC.madvise(start, numel * t.element_size() + t.data_ptr() - start,
+                          _MADV_POPULATE_WRITE)  # failure is harmless
         except (OSError, AttributeError):
             pass  # no libc madvise: the pages fault in when the batch is written
     return t
@@ -472,8 +489,8 @@ class _SharedBuffers:
     """Shared-memory image buffers for a worker's batches, prepared one batch ahead.
 
     A batch crosses to the main process in shared memory, which must be freshly allocated for
-    every batch; faulting in its pages (about 2 us per 4 KiB page, 0.25 ms per 512x512 CT
-    sample here) is done by a helper thread while the worker decodes the next samples.
+    every batch; faulting in its pages (a cost BENCHMARKS.md measures) is done by a helper thread
+    while the worker decodes the next samples.
     """
 
     def __init__(self) -> None:
@@ -506,19 +523,22 @@ def _stack(tensors: list[torch.Tensor], buffers: _SharedBuffers | None = None) -
 
 
 def _collate(items: list[dict[str, Any]], buffers: _SharedBuffers | None = None) -> Batch:
-    return {
+    batch = {
         "image": _stack([x["image"] for x in items], buffers),
-        "target": [x["target"] for x in items],  # lists: made tensors in the main process (`_tensors`)
         "key": [x["key"] for x in items],
         "patient": [x["patient"] for x in items],
         "study": [x["study"] for x in items],
         "valid": [x["valid"] for x in items],
     }
+    if items and "target" in items[0]:  # a stream without labels has no targets
+        batch["target"] = [x["target"] for x in items]  # lists: made tensors in the main process (`_tensors`)
+    return batch
 
 
 def _tensors(batch: Batch, task: str) -> Batch:
     """Targets and valid flags to tensors, in the main process (see `_collate`)."""
-    batch["target"] = torch.tensor(batch["target"], dtype=torch.float32 if task == "multilabel" else torch.long)
+    if "target" in batch:
+        batch["target"] = torch.tensor(batch["target"], dtype=torch.float32 if task == "multilabel" else torch.long)
     batch["valid"] = torch.tensor(batch["valid"], dtype=torch.bool)
     return batch
 
@@ -533,7 +553,7 @@ class StreamLoader(DataLoader):
     def __init__(self, stream: ShardStream):
         workers = stream.cfg.num_workers
         super().__init__(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                         prefetch_factor=4 if workers else None, in_order=True)
+                         prefetch_factor=_PREFETCH if workers else None, in_order=True)
         self.stream = stream
 
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]

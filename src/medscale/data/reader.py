@@ -1,18 +1,23 @@
 """Raw samples by (shard, index within shard), for one data-loader worker.
 
-Local shards are read by random access: the tar headers are scanned once per worker and epoch
-(skipping over member data, about 11 us a prep sample), then each wanted sample costs one seek and
-reads of its own members. A worker therefore reads the bytes of its own samples and the tar
-headers of the shards it touches, nothing else, and never decodes a sample it does not use.
+Local shards are read by random access. Where to find each sample comes from the shard's index
+file (written by prep, `medscale.formats.tar`) when it is there and matches the shard's size,
+else from a scan of the tar headers (skipping over member data; costs in BENCHMARKS.md, loader),
+once per worker and epoch; then each wanted sample costs one seek and reads of its own members. A
+worker therefore reads the bytes of its own samples (and, for shards without an index, the tar
+headers of the shards it touches), nothing else, and never decodes a sample it does not use.
 
 Remote shards (http, s3, pipe:) cannot seek. With a ``cache_dir`` (node-local disk), a shard is
 downloaded there once per node when a worker first needs it (webdataset's ``download``: a
-temporary file renamed when complete; a lock file makes the other processes wait instead of
-downloading it again) and then read like a local one. Without one, the shard is streamed through
-webdataset's tar iterator when the worker first needs it, and the members of the samples this
-worker will ask for later in the epoch are kept (undecoded) until asked for; other members are
-passed over without being copied. Memory is bounded by the worker's share of the shards it has
-open.
+temporary file renamed when complete; a file lock makes the other processes wait instead of
+downloading it again) and then read like a local one (by a header scan: its index stays remote).
+Without one, the shard is streamed through webdataset's tar iterator when the worker first needs
+it, and the members of the samples this worker will ask for later in the epoch are kept
+(undecoded) until asked for; other members are passed over without being copied. Memory is
+bounded by the worker's share of the shards it has open.
+
+Class balancing reads every sample's label from the shards' index files, local or remote
+(`shard_labels`); only shards without one have their JSON members scanned.
 
 Failures never raise here: a shard that cannot be opened, is truncated, or holds fewer samples
 than the manifest says yields ``None`` for the missing samples and is recorded in `errors`.
@@ -20,24 +25,35 @@ than the manifest says yields ``None`` for the missing samples and is recorded i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
+from filelock import FileLock, Timeout
 from webdataset import tariterators
 
 from medscale.formats.manifest import is_local, local_path, open_url
+from medscale.formats.sample import JSON_MEMBER, PIXEL_PREFIX, stored_label
+from medscale.formats.tar import INDEX_SUFFIX, Index, decode_index, read_index, scan_tar
 
-__all__ = ["ShardReader", "ReadErrors", "sample_key", "scan_tar", "cached_copy"]
+__all__ = ["ShardReader", "ReadErrors", "sample_key", "cached_copy", "scan_json", "shard_labels",
+           "DOWNLOAD_TIMEOUT_S"]
 
 log = logging.getLogger("medscale.data")
 
 Raw = dict[str, Any]
+
+DOWNLOAD_TIMEOUT_S = 3600.0
+"""How long a process waits for another one's download of the same shard (a big shard, a slow link)."""
+# Hex characters of the URL's hash in a cached copy's name: shards of the same file name from
+# different URLs get different copies.
+_CACHE_HASH_CHARS = 16
 
 
 def sample_key(name: str) -> tuple[str | None, str | None]:
@@ -46,7 +62,7 @@ def sample_key(name: str) -> tuple[str | None, str | None]:
 
 
 def _wanted_member(ext: str, only_json: bool) -> bool:
-    return ext == "json" or (not only_json and ext.startswith("pix."))
+    return ext == JSON_MEMBER or (not only_json and ext.startswith(PIXEL_PREFIX))
 
 
 @dataclass
@@ -63,124 +79,31 @@ class ReadErrors:
         return True
 
 
-def _octal(field: bytes) -> int:
-    if field[:1] == b"\x80":  # GNU base-256 for sizes of 8 GiB and more
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b"\0 ") or b"0", 8)
-
-
-Index = list[tuple[str, dict[str, tuple[int, int]]]]  # per sample: key, {extension: (offset, size)}
-
-
-def scan_tar(fd: int, file_size: int) -> tuple[Index, str]:
-    """Index a tar by reading its 512-byte headers and seeking over the data.
-
-    About 3 us a header (a prep sample has two, JSON and pixels; webdataset's TarWriter adds a
-    PAX record to each), ten times faster than `tarfile`, which matters because every worker
-    indexes each shard it touches once per epoch. Handles ustar prefixes and the PAX and
-    GNU long-name records Python's tarfile (and so webdataset's TarWriter) writes; a misaligned
-    or damaged header fails the ustar magic (or, in old-style tars, the checksum). Returns the
-    samples found before any problem, and a description of the problem or "".
-    """
-    samples: Index = []
-    pos, long_name, last = 0, None, None
-    buf, at = b"", 0  # one 4 KiB read usually covers all headers of a sample (PAX, json, pixels)
-
-    def read(p: int, n: int) -> bytes:
-        nonlocal buf, at
-        if not (at <= p and p + n <= at + len(buf)):
-            buf, at = os.pread(fd, max(n, 4096), p), p
-        return buf[p - at:p - at + n]
-
-    while True:
-        hdr = read(pos, 512)
-        if len(hdr) < 512:
-            return samples, ("" if not hdr else "truncated tar header")
-        if hdr == _ZERO_BLOCK:
-            return samples, ""
-        ustar = hdr[257:262] == b"ustar"
-        try:
-            size = _octal(hdr[124:136])
-            # The checksum field counts as spaces; ustar headers are checked by their magic.
-            if not ustar and _octal(hdr[148:156]) != sum(hdr) - sum(hdr[148:156]) + 256:
-                raise ValueError
-        except ValueError:
-            return samples, f"damaged or misaligned tar header at byte {pos}"
-        kind = hdr[156:157]
-        data = pos + 512
-        pos = data + (size + 511) // 512 * 512
-        if data + size > file_size:
-            return samples, f"member at byte {data} runs past the end of the file (truncated)"
-        if kind in (b"x", b"L"):  # the next member's long name
-            payload = read(data, size)
-            if kind == b"L":
-                long_name = payload.rstrip(b"\0").decode("utf-8", "replace")
-            else:
-                for rec in payload.split(b"\n"):
-                    _, _, kv = rec.partition(b" ")
-                    if kv.startswith(b"path="):
-                        long_name = kv[5:].decode("utf-8", "replace")
-            continue
-        name = long_name
-        long_name = None
-        if kind not in (b"0", b"\0", b"7"):
-            continue  # directories, links, global headers
-        if name is None:
-            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            prefix = hdr[345:500].split(b"\0", 1)[0] if ustar else b""
-            if prefix:
-                name = prefix.decode("utf-8", "replace") + "/" + name
-        # webdataset's grouping (base_plus_ext) without its regex: key = up to the basename's first dot.
-        dot = name.find(".", name.rfind("/") + 1)
-        if dot <= name.rfind("/") + 1:
-            continue
-        key, ext = name[:dot], name[dot + 1:]
-        if ext.startswith("__") and ext.endswith("__"):
-            continue
-        if key != last:
-            samples.append((key, {}))
-            last = key
-        samples[-1][1][ext.lower()] = (data, size)
-
-
-_ZERO_BLOCK = bytes(512)
-
-
-_STALE_LOCK_S = 300.0  # a download lock this old is taken to belong to a dead process
-
-
-def cached_copy(url: str, cache_dir: str, size: int | None = None, timeout: float = 3600.0) -> str:
+def cached_copy(url: str, cache_dir: str, size: int | None = None, timeout: float = DOWNLOAD_TIMEOUT_S) -> str:
     """The path of a node-local copy of ``url``, downloaded once per node.
 
-    The first process to need it downloads it (to a temporary name, renamed when complete);
-    the others wait for the file. ``size`` (the manifest's byte count) is checked.
+    The first process to need it downloads it (to a temporary name, renamed when complete) under
+    a file lock; the others wait on the lock, then find the file. ``size`` (the manifest's byte
+    count) is checked.
     """
     from webdataset.cache import download
 
     names = re.findall(r"[^\s/?=]+\.tar\b", url)  # the shard's file name, also inside a pipe: command
     base = names[-1] if names else "shard.tar"
-    dest = os.path.join(cache_dir, hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + base)
-    lock = dest + ".lock"
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(dest):
+    dest = os.path.join(cache_dir, hashlib.sha256(url.encode()).hexdigest()[:_CACHE_HASH_CHARS] + "-" + base)
+    if not os.path.exists(dest):
         os.makedirs(cache_dir, exist_ok=True)
+        lock = dest + ".lock"
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                if time.time() - os.path.getmtime(lock) > _STALE_LOCK_S:
-                    os.unlink(lock)
-            except FileNotFoundError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"waited {timeout:.0f} s for another process to download {url}") from None
-            time.sleep(0.2)
-            continue
-        try:
-            os.close(fd)
-            if not os.path.exists(dest):
-                download(url, dest)
-        finally:
+            # The kernel releases a flock when its holder dies: no stale locks to age out.
+            with FileLock(lock, timeout=timeout):
+                if not os.path.exists(dest):
+                    download(url, dest)
+        except Timeout:
+            raise TimeoutError(f"waited {timeout:.0f} s for another process to download {url}") from None
+        # Tidy up once the copy exists. Safe against a waiter that still holds the unlinked lock
+        # file, or a newcomer that makes a new one: whoever gets a lock finds the copy and leaves.
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
     if size is not None and os.path.getsize(dest) != size:
         got = os.path.getsize(dest)
@@ -190,13 +113,27 @@ def cached_copy(url: str, cache_dir: str, size: int | None = None, timeout: floa
 
 
 class _LocalShard:
-    """Random access into one local tar via a header index; the file is reopened on demand."""
+    """Random access into one local tar; the file is reopened on demand.
 
-    def __init__(self, url: str, path: str):
+    Member offsets come from the shard's index file (``index_path``, default: beside the shard)
+    when it describes a file of this size, else from a header scan.
+    """
+
+    def __init__(self, url: str, path: str, index_path: str | None = None):
         self.url, self.path = url, path
         self.fd: int | None = os.open(path, os.O_RDONLY)
+        self.samples: Index = []
+        self.error = ""
+        self.indexed = False  # offsets came from the index file (no scan)
         try:
-            self.samples, self.error = scan_tar(self.fd, os.fstat(self.fd).st_size)
+            size = os.fstat(self.fd).st_size
+            index, why = read_index(index_path or path + INDEX_SUFFIX, size)
+            if index is not None:
+                self.samples, self.indexed = index.samples, True
+            else:
+                if why != "no index":
+                    log.info("shard %s: index not used (%s); scanning its headers", url, why)
+                self.samples, self.error = scan_tar(self.fd, size)
         except (OSError, ValueError) as e:
             self.samples, self.error = [], f"{type(e).__name__}: {e}"
 
@@ -230,16 +167,20 @@ class ShardReader:
         counts: samples per shard the manifest promises.
         only_json: read only the JSON members (label scans).
         max_open: local shard files kept open at once.
-        index_shards: shards whose tar index is kept; a worker's shards of the current shuffle
-            block must fit, or it scans them again (an index costs about 300 bytes a sample).
+        index_shards: shards whose member offsets are kept in memory; a worker's shards of the
+            current shuffle block must fit, or it reads their index (or scans them) again.
         cache_dir: node-local directory for copies of remote shards ("" streams them).
         sizes: bytes per shard from the manifest (checks the cached copies), None where unknown.
+        indexes: where each local shard's index file is (the manifest's ``index_url``), None
+            for beside the shard.
     """
 
     def __init__(self, urls: list[str], counts: list[int], *, only_json: bool = False, max_open: int = 16,
-                 index_shards: int = 64, cache_dir: str = "", sizes: list[int | None] | None = None):
+                 index_shards: int = 64, cache_dir: str = "", sizes: list[int | None] | None = None,
+                 indexes: Sequence[str | None] | None = None):
         self.urls, self.counts, self.only_json, self.max_open = urls, counts, only_json, max_open
         self.index_shards = index_shards
+        self.indexes = list(indexes) if indexes is not None else [None] * len(urls)
         self._fds: OrderedDict[int, None] = OrderedDict()  # shards whose file is open, least recent first
         self.cache_dir = cache_dir
         self.sizes = sizes or [None] * len(urls)
@@ -286,8 +227,11 @@ class ShardReader:
                 return None  # already failed (and logged) in this epoch
             url = self.urls[shard]
             try:
-                path = local_path(url) if is_local(url) else cached_copy(url, self.cache_dir, self.sizes[shard])
-                s = _LocalShard(url, path)
+                if is_local(url):
+                    index = self.indexes[shard]
+                    s = _LocalShard(url, local_path(url), local_path(index) if index and is_local(index) else None)
+                else:
+                    s = _LocalShard(url, cached_copy(url, self.cache_dir, self.sizes[shard]))
             except Exception as e:  # noqa: BLE001 - any opener/download failure makes a corrupt shard
                 self.errors.add(url, f"cannot open: {type(e).__name__}: {e}")
                 self._failed.add(shard)
@@ -298,7 +242,8 @@ class ShardReader:
             while len(self._open) > self.index_shards:
                 self._open.popitem(last=False)[1].close()
         self._open.move_to_end(shard)
-        # Indexes are kept (a rescan costs ~10 us a sample); open files are capped separately.
+        # Member offsets are kept (reading them again costs a scan or an index read); open
+        # files are capped separately.
         self._fds[shard] = None
         self._fds.move_to_end(shard)
         while len(self._fds) > self.max_open:
@@ -382,9 +327,13 @@ class ShardReader:
         self._buffer.clear()
 
 
+# Files a JSON scan keeps open: it reads the shards one after the other.
+_SCAN_OPEN = 2
+
+
 def scan_json(urls: list[str], counts: list[int], parse: Callable[[bytes], Any]) -> tuple[list[list[Any]], ReadErrors]:
     """``parse(json bytes)`` for every sample of every shard (None where unreadable)."""
-    reader = ShardReader(urls, counts, only_json=True, max_open=2)
+    reader = ShardReader(urls, counts, only_json=True, max_open=_SCAN_OPEN)
     reader.expect((j, i) for j, n in enumerate(counts) for i in range(n))
     out: list[list[Any]] = []
     for j, n in enumerate(counts):
@@ -398,3 +347,50 @@ def scan_json(urls: list[str], counts: list[int], parse: Callable[[bytes], Any])
         out.append(vals)
     reader.close()
     return out, reader.errors
+
+
+def _index_labels(url: str, index_url: str | None, count: int, size: int | None) -> list[Any] | None:
+    """A shard's labels from its index file, or None when there is no usable index."""
+    if not index_url:
+        if not is_local(url):
+            return None
+        index_url = url + INDEX_SUFFIX
+    try:
+        if is_local(index_url):
+            shard = local_path(url)
+            index, _ = read_index(local_path(index_url), os.path.getsize(shard) if is_local(url) else size)
+        else:
+            with open_url(index_url) as f:
+                index = decode_index(f.read(), index_url)
+            if size is not None and index.bytes != size:
+                index = None
+    except Exception as e:  # noqa: BLE001 - an unreachable or damaged index means: scan the JSON instead
+        log.info("index %s not used: %s: %s", index_url, type(e).__name__, e)
+        return None
+    if index is None or len(index.labels) != count:
+        return None
+    return index.labels
+
+
+def shard_labels(urls: list[str], counts: list[int], *, indexes: Sequence[str | None] | None = None,
+                 sizes: Sequence[int | None] | None = None) -> list[list[Any]]:
+    """Every sample's stored label (class index, 0/1 list, None if none or unreadable), per shard.
+
+    Read from the shards' index files; only shards without a usable index are scanned (their
+    JSON members, through `scan_json`; scan errors are logged).
+    """
+    indexes = list(indexes) if indexes is not None else [None] * len(urls)
+    sizes = list(sizes) if sizes is not None else [None] * len(urls)
+    out: list[list[Any] | None] = [_index_labels(u, i, n, z) for u, i, n, z in zip(urls, indexes, counts, sizes)]
+    todo = [j for j, labels in enumerate(out) if labels is None]
+    if todo:
+        log.info("reading the labels of %d samples in %d shards without an index (JSON members only)",
+                 sum(counts[j] for j in todo), len(todo))
+        scanned, _ = scan_json([urls[j] for j in todo], [counts[j] for j in todo], _stored_label)
+        for j, labels in zip(todo, scanned):
+            out[j] = labels
+    return [labels or [] for labels in out]
+
+
+def _stored_label(data: bytes) -> Any:
+    return stored_label(json.loads(data))

@@ -9,8 +9,8 @@ The order, and why:
    mixes physical values, and k stacked windows cost one resize instead of k. Areas rotated in
    are filled with the image's minimum (air, not water).
 3. Intensity: CT windows (``[center, width]`` pairs, several stack as channels), else min-max or
-   z-score over the image; MONOCHROME1 is inverted afterwards, as DICOM orders it
-   (modality LUT, VOI/window, then inversion). Colour images are scaled by their bit depth.
+   z-score over the image. Colour images are scaled by their bit depth. Grayscale always comes
+   as MONOCHROME2 (bright = dense): prep inverts MONOCHROME1 sources when it writes the shards.
 4. Photometric augmentation (brightness, contrast, gamma) on the [0, 1] result.
 5. Channels: grayscale is repeated to ``data.channels``; colour becomes luminance for a
    1-channel model.
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from medscale.config import DataConfig
+from medscale.errors import ConfigError
 
 __all__ = ["intensity", "RandomIntensity", "SampleTransform", "AUGMENT_DEFAULTS", "option"]
 
@@ -46,7 +47,11 @@ AUGMENT_DEFAULTS: dict[str, Any] = {
     "gamma": 0.0,
 }
 
-_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)  # ITU-R BT.601 luma weights
+# Smallest spread divided by: a flat image normalises to zeros instead of NaN.
+_EPS = 1e-6
+# Aspect ratios the random resized crop may draw: near-square, anatomy is not stretched far.
+_CROP_RATIO = (0.9, 1.1)
 
 
 def option(cfg: DataConfig, name: str) -> Any:
@@ -66,17 +71,15 @@ def to_tensor(pixels: np.ndarray) -> tuple[torch.Tensor, bool]:
 
 
 def intensity(x: torch.Tensor, info: dict[str, Any], cfg: DataConfig) -> torch.Tensor:
-    """Modality values (1, H, W) to normalised channels; MONOCHROME1 inverted last."""
+    """Modality values (1, H, W) to normalised channels (``info``: the sample's metadata)."""
     if cfg.windows:
         chans = [((x[0] - (c - w / 2.0)) / w).clamp_(0.0, 1.0) for c, w in cfg.windows]
         x = torch.stack(chans)
     elif cfg.normalize == "zscore":
-        x = (x - x.mean()) / x.std().clamp_min(1e-6)
+        x = (x - x.mean()) / x.std().clamp_min(_EPS)
     else:
         lo, hi = x.amin(), x.amax()
-        x = (x - lo) / (hi - lo).clamp_min(1e-6)
-    if info.get("photometric") == "MONOCHROME1":
-        x = x.neg_() if (cfg.normalize == "zscore" and not cfg.windows) else x.neg_().add_(1.0)
+        x = (x - lo) / (hi - lo).clamp_min(_EPS)
     return x
 
 
@@ -122,14 +125,14 @@ class SampleTransform:
         self.size = cfg.image_size
         self.train = train and bool(option(cfg, "augment"))
         if cfg.windows and len(cfg.windows) not in (1, cfg.channels):
-            raise ValueError(f"data.windows gives {len(cfg.windows)} channels but data.channels={cfg.channels}; "
-                             "use one window (repeated) or one window per channel")
+            raise ConfigError(f"data.windows gives {len(cfg.windows)} channels but data.channels={cfg.channels}; "
+                              "use one window (repeated) or one window per channel")
         geo: list[Any] = []
         photo: list[Any] = []
         if self.train:
             crop = float(option(cfg, "crop_scale"))
             if 0 < crop < 1:
-                geo.append(v2.RandomResizedCrop(self.size, scale=(crop, 1.0), ratio=(0.9, 1.1), antialias=True))
+                geo.append(v2.RandomResizedCrop(self.size, scale=(crop, 1.0), ratio=_CROP_RATIO, antialias=True))
             else:
                 geo.append(v2.Resize((self.size, self.size), antialias=True))  # rotate the small image
             deg, shift = float(option(cfg, "rotate_degrees")), float(option(cfg, "translate"))

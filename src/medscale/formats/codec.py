@@ -3,18 +3,16 @@
 Medical images are 8- to 16-bit and must come back bit-exact. Four encodings are offered:
 
 - ``zstd`` (default): a delta filter between neighbouring rows (or frames), then Zstandard.
-  The delta turns smooth anatomy into small numbers; zstd at level 1 then stores 512x512
-  CT in about a fifth of its raw bytes at several hundred images per second per core
-  (figures in BENCHMARKS.md).
-- ``lz4``: the same delta filter, then Blosc2's bit shuffle and LZ4 on one thread: about twice
-  as fast to encode as zstd level 1 and about twice as large (36% vs 18% of raw on 512x512
-  CT); for prep runs that are CPU-bound rather than storage-bound.
+  The delta turns smooth anatomy into small numbers, which zstd stores compactly.
+- ``lz4``: the same delta filter, then Blosc2's bit shuffle and LZ4 on one thread: faster to
+  encode than zstd and larger; for prep runs that are CPU-bound rather than storage-bound.
 - ``zlib``: the same filter with zlib, for readers without zstandard.
 - ``png``: standard 8/16-bit PNG, viewable by any tool; much slower to encode at high levels.
   Signed images are stored with an offset of 32768, recorded in the header dict.
 
-The ``zstd``/``zlib`` payload starts with a small self-describing header (magic, dtype, shape,
-filter), so a sample decodes without its JSON.
+The ``zstd``/``lz4``/``zlib`` payload starts with a small self-describing header (magic, dtype,
+shape, filter), so a sample decodes without its JSON. Sizes and speeds of each encoding on CT:
+BENCHMARKS.md (prep).
 """
 
 from __future__ import annotations
@@ -33,7 +31,10 @@ _EXT = {"zstd": "pix.zst", "lz4": "pix.lz4", "zlib": "pix.zlib", "png": "pix.png
 _BY_EXT = {v: k for k, v in _EXT.items()}
 _MAGIC = b"MSPX"
 _DTYPES = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"]
-_FILTER_NONE, _FILTER_DELTA = 0, 2
+_FILTER_NONE, _FILTER_DELTA = 0, 2  # header codes: never renumber, shards store them
+_PAYLOAD_VERSION = 1  # layout of the payload header (magic, version, dtype, filter, ndim, shape)
+# PNG has no signed samples: int16 is stored shifted into uint16 by this much.
+_PNG_INT16_SHIFT = 32768
 
 
 def extension_for(encoding: str) -> str:
@@ -122,7 +123,7 @@ def encode_pixels(arr: np.ndarray, encoding: str = "zstd", level: int = 3) -> tu
     payload = _delta(arr) if filt else arr.astype(arr.dtype.newbyteorder("<")).tobytes()
     body = _compress(encoding, payload, level, arr.dtype.itemsize)
     header = _MAGIC + struct.pack(
-        f"<BBBB{arr.ndim}I", 1, _DTYPES.index(arr.dtype.name), filt, arr.ndim, *arr.shape
+        f"<BBBB{arr.ndim}I", _PAYLOAD_VERSION, _DTYPES.index(arr.dtype.name), filt, arr.ndim, *arr.shape
     )
     return header + body, info
 
@@ -141,7 +142,7 @@ def decode_pixels(data: bytes, encoding: str, info: dict[str, Any] | None = None
     if data[:4] != _MAGIC:
         raise ValueError("not a medscale pixel payload (bad magic)")
     version, dcode, filt, ndim = struct.unpack_from("<BBBB", data, 4)
-    if version != 1:
+    if version != _PAYLOAD_VERSION:
         raise ValueError(f"unsupported pixel payload version {version}")
     shape = struct.unpack_from(f"<{ndim}I", data, 8)
     body = data[8 + 4 * ndim :]
@@ -161,8 +162,8 @@ def _encode_png(arr: np.ndarray, level: int, info: dict[str, Any]) -> bytes:
         raise ValueError(f"png encoding takes one (H, W) or (H, W, 3) image, got shape {arr.shape}; use zstd for volumes")
     if arr.dtype == np.int16:
         # PNG has no signed samples: shift into uint16 and record the shift.
-        arr = (arr.astype(np.int32) + 32768).astype(np.uint16)
-        info["offset"] = -32768
+        arr = (arr.astype(np.int32) + _PNG_INT16_SHIFT).astype(np.uint16)
+        info["offset"] = -_PNG_INT16_SHIFT
     elif arr.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"png encoding takes uint8/uint16/int16, got {arr.dtype}; use zstd")
     buf = io.BytesIO()

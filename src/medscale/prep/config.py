@@ -46,9 +46,9 @@ class PrepConfig:
     frames: Literal["samples", "volume"] = "samples"
     """Multi-frame DICOM: one sample per frame, or one volume sample."""
     encoding: Literal["zstd", "lz4", "png", "zlib"] = "zstd"
-    """Lossless pixel encoding in shards: zstd (smallest), lz4 (fastest, ~2x larger), zlib, png."""
+    """Lossless pixel encoding in shards: zstd (smallest), lz4 (fastest, larger), zlib, png (BENCHMARKS.md, prep)."""
     compression_level: int = 1
-    """Level for the chosen encoding (zstd -5..22, png/zlib 0-9); 1 is fast and within ~1% of 3 on CT."""
+    """Level for the chosen encoding (zstd -5..22, png/zlib 0-9); 1 is fast and about as small as 3 on CT (BENCHMARKS.md)."""
     shard_bytes: int = 256_000_000
     """Target shard size in bytes."""
     max_pixels: int = 100_000_000

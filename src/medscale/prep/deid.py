@@ -1,4 +1,4 @@
-"""De-identification: allowlisted metadata, keyed pseudonyms, burned-in-text quarantine, splits.
+"""De-identification: allowlisted metadata, keyed pseudonyms, burned-in-text quarantine.
 
 The approach follows DICOM PS3.15 Annex E (Basic Application Level Confidentiality Profile) by
 construction rather than by deletion: a shard never carries a copy of the DICOM header, only the
@@ -9,7 +9,7 @@ therefore absent without having to be found and removed one by one. Identifiers 
 key), so they stay consistent across a corpus and across runs with the same key, but cannot be
 reversed or re-derived by anyone without the key, even for small identifier spaces such as
 medical record numbers. Pixels can still carry burned-in text: `burned_in_text_reason` says
-which images to quarantine. Splits are drawn per patient (`Pseudonymizer.split`), never per image.
+which images to quarantine. Patient-level splits are not de-identification: `medscale.prep.splits`.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import pydicom
 from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary
 
+from medscale.errors import ConfigError
 from medscale.prep.errors import RejectedInput
 
 __all__ = [
     "KEY_ENV",
-    "SPLIT_ORDER",
     "BURNED_IN_MODALITIES",
     "BURNED_IN_SOP_CLASSES",
     "load_pseudonym_key",
@@ -52,12 +52,8 @@ KEY_ENV = "MEDSCALE_PSEUDONYM_KEY"
 MIN_KEY_BYTES = 16
 """Shortest accepted key: 128 bits, the HMAC-SHA256 security level we rely on."""
 
-SPLIT_ORDER = ("train", "val", "test")
-"""Order in which split fractions are stacked on [0, 1); other split names follow, sorted.
-
-The order is fixed rather than taken from the dict, so reordering a YAML file never moves a
-patient from one split to another.
-"""
+RANDOM_KEY_BYTES = 32
+"""Length of a one-off random key: the 256 bits the recommended ``secrets.token_hex(32)`` makes."""
 
 # Modalities whose pixels are screen grabs, video frames or camera pictures rather than detector
 # data. Vendors routinely burn the patient name, ID, birth date and institution into these
@@ -159,7 +155,7 @@ def load_pseudonym_key(key_file: str | os.PathLike | None = None, *, allow_rando
         The key bytes.
 
     Raises:
-        ValueError: No key and ``allow_random`` is false (the message says how to make one), or
+        ConfigError: No key and ``allow_random`` is false (the message says how to make one), or
             the key file or environment variable is empty, malformed or too short. Messages never
             contain key material.
     """
@@ -168,19 +164,19 @@ def load_pseudonym_key(key_file: str | os.PathLike | None = None, *, allow_rando
         try:
             raw = path.read_bytes()
         except OSError as e:
-            raise ValueError(f"cannot read pseudonym key file {path}: {e.strerror or e}") from e
+            raise ConfigError(f"cannot read pseudonym key file {path}: {e.strerror or e}") from e
         text = raw.strip().decode("latin-1")
         # A file of hex digits is read as hex (what the recommended command writes); anything else
         # is taken as raw key bytes, e.g. from `head -c 32 /dev/urandom`.
         if _HEX_DIGITS.fullmatch(text):
             if len(text) % 2:
                 # Most likely a truncated copy-paste; reading it as raw bytes would hide that.
-                raise ValueError(f"pseudonym key file {path} holds an odd number of hex digits")
+                raise ConfigError(f"pseudonym key file {path} holds an odd number of hex digits")
             key = bytes.fromhex(text)
         else:
             key = raw
         if len(key) < MIN_KEY_BYTES:
-            raise ValueError(
+            raise ConfigError(
                 f"pseudonym key file {path} holds {len(key)} bytes of key material; at least "
                 f"{MIN_KEY_BYTES} are needed (32 recommended)"
             )
@@ -191,12 +187,12 @@ def load_pseudonym_key(key_file: str | os.PathLike | None = None, *, allow_rando
     if env is not None:
         text = env.strip()
         if not text:
-            raise ValueError(f"{KEY_ENV} is set but empty; unset it or give it a hex key")
+            raise ConfigError(f"{KEY_ENV} is set but empty; unset it or give it a hex key")
         if not _HEX.fullmatch(text):
-            raise ValueError(f"{KEY_ENV} must be a hex string (an even number of 0-9a-f characters)")
+            raise ConfigError(f"{KEY_ENV} must be a hex string (an even number of 0-9a-f characters)")
         key = bytes.fromhex(text)
         if len(key) < MIN_KEY_BYTES:
-            raise ValueError(
+            raise ConfigError(
                 f"{KEY_ENV} holds {len(key)} bytes of key material; at least {MIN_KEY_BYTES} are needed "
                 "(64 hex characters recommended)"
             )
@@ -207,8 +203,8 @@ def load_pseudonym_key(key_file: str | os.PathLike | None = None, *, allow_rando
             "using a random pseudonym key for this run only: pseudonyms (and patient splits) will not "
             "match those of any other run; use --key-file for corpora that grow or are re-prepared"
         )
-        return secrets.token_bytes(32)
-    raise ValueError(_KEY_HELP)
+        return secrets.token_bytes(RANDOM_KEY_BYTES)
+    raise ConfigError(_KEY_HELP)
 
 
 def _warn_if_readable_by_others(path: Path) -> None:
@@ -222,20 +218,20 @@ def _warn_if_readable_by_others(path: Path) -> None:
 
 
 class Pseudonymizer:
-    """Keyed, deterministic pseudonyms and patient-level splits.
+    """Keyed, deterministic pseudonyms.
 
     Args:
         key: Secret key, at least 16 bytes (see `load_pseudonym_key`).
 
     Raises:
-        ValueError: The key is not bytes or too short.
+        ValueError: The key is not bytes; ConfigError: it is too short.
     """
 
     def __init__(self, key: bytes) -> None:
         if not isinstance(key, (bytes, bytearray)):
             raise ValueError(f"pseudonym key must be bytes, got {type(key).__name__}")
         if len(key) < MIN_KEY_BYTES:
-            raise ValueError(f"pseudonym key must be at least {MIN_KEY_BYTES} bytes, got {len(key)}")
+            raise ConfigError(f"pseudonym key must be at least {MIN_KEY_BYTES} bytes, got {len(key)}")
         self._key = bytes(key)
 
     def __repr__(self) -> str:
@@ -256,91 +252,15 @@ class Pseudonymizer:
         """The pseudonym of ``value`` in the domain ``kind``.
 
         Args:
-            kind: Domain, e.g. ``"patient"``, ``"study"``, ``"series"``, ``"instance"``; the same
-                value gets unrelated pseudonyms in different domains.
+            kind: Domain, e.g. ``"patient"``, ``"study"``, ``"series"``, ``"instance"`` (and
+                ``"split"``, the patient's place in `medscale.prep.splits`); the same value gets
+                unrelated pseudonyms in different domains.
             value: The identifier to replace, hashed exactly as given.
 
         Returns:
             20 lowercase hex characters (no dots, so usable in WebDataset keys).
         """
         return self._digest(kind, value).hex()[:PSEUDONYM_HEX_CHARS]
-
-    def split(self, patient_pseudonym: str, fractions: Mapping[str, float]) -> str:
-        """The split a patient belongs to; every image of the patient goes to the same one.
-
-        A second keyed hash of the pseudonym is mapped to a number in [0, 1) and cut by the
-        cumulative fractions, stacked in `SPLIT_ORDER` (train, val, test), then any other names
-        sorted. Changing one fraction therefore moves only the patients near the affected cut.
-
-        Args:
-            patient_pseudonym: The patient's pseudonym (from ``self("patient", ...)``).
-            fractions: Split name to fraction; non-negative, summing to 1.
-
-        Returns:
-            The split name.
-
-        Raises:
-            ValueError: Empty fractions, a negative or non-finite fraction, or a sum other than 1.
-        """
-        return _cut(self._split_point(patient_pseudonym), _ordered_fractions(fractions))
-
-    def stratified_splits(self, strata: Mapping[str, str], fractions: Mapping[str, float]) -> dict[str, str]:
-        """Splits for patients grouped into strata (e.g. by their rarest class).
-
-        Within each stratum the patients, ordered by the same keyed hash as `split`, are dealt
-        to the splits by rank: rank ``r`` of ``n`` goes where ``(r + 0.5) / n`` falls among the
-        cumulative fractions. Each split so gets its fraction of every stratum to within one
-        patient, where a plain hash split can leave a rare class out of a small test split.
-        Deterministic for a given key and strata; unlike `split`, a patient's split depends on
-        the other patients of its stratum.
-
-        Args:
-            strata: Patient pseudonym to stratum name.
-            fractions: As for `split`.
-
-        Returns:
-            Patient pseudonym to split name.
-        """
-        order = _ordered_fractions(fractions)
-        groups: dict[str, list[str]] = {}
-        for patient, stratum in strata.items():
-            groups.setdefault(stratum, []).append(patient)
-        out: dict[str, str] = {}
-        for patients in groups.values():
-            patients.sort(key=self._split_point)
-            for rank, patient in enumerate(patients):
-                out[patient] = _cut((rank + 0.5) / len(patients), order)
-        return out
-
-    def _split_point(self, patient_pseudonym: str) -> float:
-        # 64 bits of the hash give a uniform number in [0, 1) with no visible granularity.
-        return int.from_bytes(self._digest("split", patient_pseudonym)[:8], "big") / 2.0**64
-
-
-def _cut(u: float, order: list[tuple[str, float]]) -> str:
-    """The split whose share of [0, 1), stacked in `order`, holds ``u``."""
-    cumulative = 0.0
-    for name, fraction in order:
-        cumulative += fraction
-        if u < cumulative:
-            return name
-    # Rounding can leave the last cut a hair below 1: the rest goes to the last non-empty split.
-    return next(name for name, fraction in reversed(order) if fraction > 0)
-
-
-def _ordered_fractions(fractions: Mapping[str, float]) -> list[tuple[str, float]]:
-    if not fractions:
-        raise ValueError("split fractions are empty; give e.g. {'train': 0.8, 'val': 0.1, 'test': 0.1}")
-    for name, f in fractions.items():
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f):
-            raise ValueError(f"split fraction {name!r} must be a finite number, got {f!r}")
-        if f < 0:
-            raise ValueError(f"split fraction {name!r} must be non-negative, got {f!r}")
-    total = sum(fractions.values())
-    if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must sum to 1, got {total!r} from {dict(fractions)!r}")
-    names = [n for n in SPLIT_ORDER if n in fractions] + sorted(n for n in fractions if n not in SPLIT_ORDER)
-    return [(n, float(fractions[n])) for n in names]
 
 
 def pseudonymize_fields(fields: Mapping[str, str], pseudo: Pseudonymizer) -> dict[str, str]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medscale.errors import ConfigError, InputError, InputNotFound
 from medscale.prep.config import PrepConfig
 
 __all__ = ["LabelTable", "load_labels"]
@@ -42,14 +43,14 @@ class LabelTable:
         patient column, or are the keys themselves when the CSV is keyed by PatientID.
 
         Raises:
-            ValueError: the CSV names no patients.
+            ConfigError: the CSV names no patients.
         """
         if self.key_kind == "PatientID":
             owner = {k: k for k in self.targets}
         elif self.patients:
             owner = self.patients
         else:
-            raise ValueError("stratify=true needs patients in the labels CSV: set patient_column, "
+            raise ConfigError("stratify=true needs patients in the labels CSV: set patient_column, "
                              "or label_key: PatientID")
         classes: dict[str, set[int]] = {}
         for key, target in self.targets.items():
@@ -80,23 +81,26 @@ def load_labels(cfg: PrepConfig, csv_path: str | Path) -> LabelTable:
     """Read a labels CSV as the config describes.
 
     Raises:
-        ValueError: missing file or columns, duplicate keys with different labels, or class
-            names not in ``cfg.classes``; the message names the file, row and column.
+        InputNotFound: the CSV does not exist.
+        InputError: unreadable file, missing columns, duplicate keys with different labels, or
+            class names not in ``cfg.classes``; the message names the file, row and column.
     """
     path = Path(csv_path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, restval="")  # a short row reads as empty cells, not None
             header = reader.fieldnames or []
             rows = list(reader)
-    except OSError as e:
-        raise ValueError(f"cannot read labels CSV {path}: {e.strerror}") from e
+    except FileNotFoundError as e:
+        raise InputNotFound(f"labels CSV {path} does not exist") from e
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"cannot read labels CSV {path}: {getattr(e, 'strerror', None) or e}") from e
     need = [cfg.key_column] + (cfg.label_columns or [cfg.label_column])
     if cfg.patient_column:
         need.append(cfg.patient_column)
     missing = [c for c in need if c not in header]
     if missing:
-        raise ValueError(f"labels CSV {path} lacks column(s) {missing}; it has {header}")
+        raise InputError(f"labels CSV {path} lacks column(s) {missing}; it has {header}")
 
     multilabel = bool(cfg.label_columns) or bool(cfg.label_separator)
     if cfg.label_columns:
@@ -122,22 +126,22 @@ def load_labels(cfg: PrepConfig, csv_path: str | Path) -> LabelTable:
             for c in cfg.label_columns:
                 v = r[c].strip()
                 if v not in ("0", "1", "0.0", "1.0"):
-                    raise ValueError(f"{where}, column {c!r}: expected 0 or 1, got {v!r}")
+                    raise InputError(f"{where}, column {c!r}: expected 0 or 1, got {v!r}")
                 target.append(int(float(v)))
         elif cfg.label_separator:
             names = [x.strip() for x in r[cfg.label_column].split(cfg.label_separator)
                      if x.strip() and x.strip() not in cfg.no_finding]
             unknown = [x for x in names if x not in index]
             if unknown:
-                raise ValueError(f"{where}, column {cfg.label_column!r}: unknown class(es) {unknown}")
+                raise InputError(f"{where}, column {cfg.label_column!r}: unknown class(es) {unknown}")
             target = [int(c in names) for c in classes]
         else:
             v = r[cfg.label_column].strip()
             if v not in index:
-                raise ValueError(f"{where}, column {cfg.label_column!r}: class {v!r} not in {classes}")
+                raise InputError(f"{where}, column {cfg.label_column!r}: class {v!r} not in {classes}")
             target = index[v]
         if key in table.targets and table.targets[key] != target:
-            raise ValueError(f"{where}: key {key!r} appears earlier with a different label")
+            raise InputError(f"{where}: key {key!r} appears earlier with a different label")
         table.targets[key] = target
         if cfg.patient_column:
             table.patients[key] = r[cfg.patient_column].strip()

@@ -9,9 +9,14 @@ How the work is cut, and why:
   finished chunks and redoes the others from scratch, so it ends with byte-identical shards
   (tar members carry fixed mtimes and owners).
 - Each chunk writes one shard sequence per split, ``{split}-{chunk:06d}-{part:02d}.tar``,
-  rolling over at ``shard_bytes``.
+  rolling over at ``shard_bytes``, each shard with its member-offset index beside it
+  (``<shard>.idx.json``).
 - ``merge`` reads the markers and writes ``manifest.json``, ``rejects.jsonl`` and one
   wids index per split.
+
+What the files hold (tar layout, index, sample members and metadata, manifest schema) is defined
+in `medscale.formats`; this module decides what goes in them. Without a labels CSV (and without
+``label_from_dir``) the samples carry no label and the manifest says task ``unlabeled``.
 
 Privacy: only what `deid.safe_metadata` allowlists reaches a shard; sample keys are keyed
 pseudonyms; source paths appear only in ``rejects.jsonl``, an operator log kept beside the shards
@@ -27,7 +32,6 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,23 +40,36 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medscale.formats.codec import encode_pixels, extension_for
 from medscale.config import to_dict
+from medscale.errors import ConfigError, InputError, InputNotFound
+from medscale.files import atomic_write
+from medscale.formats.codec import encode_pixels, extension_for
+from medscale.formats.manifest import build_manifest, write_manifest
+from medscale.formats.sample import UNLABELED, encode_sample
+from medscale.formats.tar import ShardSequence
 from medscale.prep.config import PrepConfig
 from medscale.prep.deid import Pseudonymizer, burned_in_text_reason, safe_metadata
 from medscale.prep.dicom import decode_dicom, read_dicom
 from medscale.prep.errors import RejectedInput
 from medscale.prep.labels import LabelTable, load_labels
 from medscale.prep.photos import load_photo
+from medscale.prep.splits import patient_split, stratified_splits
 
-__all__ = ["PrepJob", "run_prep", "merge", "discover_inputs", "PHOTO_SUFFIXES"]
+__all__ = ["PrepJob", "PrepIncomplete", "run_prep", "merge", "discover_inputs", "prepare_output", "PHOTO_SUFFIXES"]
 
 log = logging.getLogger("medscale.prep")
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png"}
 # Warn when one patient holds more than this share of a corpus of at least this many samples.
 PLACEHOLDER_SHARE, PLACEHOLDER_MIN_SAMPLES = 0.2, 50
-MANIFEST_VERSION = 1
+# Without a progress bar (batch jobs, logs), a progress line at most this often.
+_LOG_EVERY_S = 30.0
+# How often the driver wakes to update progress while worker processes run.
+_POLL_S = 0.5
+
+
+class PrepIncomplete(InputError, RuntimeError):
+    """`merge` was asked for before every chunk is finished (rerun the missing tasks)."""
 
 
 @dataclass
@@ -118,7 +135,7 @@ def discover_inputs(inputs: Sequence[str], include: Sequence[str]) -> list[_Sour
         elif p.is_file():
             found.setdefault(str(p.resolve()), _Source(str(p.resolve()), p.name))
         else:
-            raise FileNotFoundError(f"prep input {item!r} does not exist")
+            raise InputNotFound(f"prep input {item!r} does not exist")
     return sorted(found.values(), key=lambda s: s.path)
 
 
@@ -135,8 +152,16 @@ class _Context:
         self.cfg = job.cfg
         self.pseudo = Pseudonymizer(job.key)
         self.labels = labels
+        self.task = _task(job.cfg, labels)
         self.splits = splits or {}  # stratified: patient pseudonym -> split; others use the hash split
         self.ext = extension_for(job.cfg.encoding)
+
+
+def _task(cfg: PrepConfig, labels: LabelTable | None) -> str:
+    """What the samples' labels are: the CSV's task, multiclass for folder classes, else unlabeled."""
+    if labels is not None:
+        return labels.task
+    return "multiclass" if cfg.label_from_dir else UNLABELED
 
 
 def _label_for(ctx: _Context, keys: dict[str, str]) -> Any:
@@ -214,88 +239,6 @@ def _photo_samples(ctx: _Context, src: _Source) -> list[tuple[str, dict[str, Any
     return [(key, info, pixels)]
 
 
-# ---------------------------------------------------------------------------------------------
-# Shard writing
-# ---------------------------------------------------------------------------------------------
-
-
-class _TarFile:
-    """A tar file written member by member, hashed as it is written.
-
-    Members carry fixed mtime, owner and mode, so a rerun writes byte-identical shards and
-    checksums are comparable. Written directly rather than through tarfile's stream mode, whose
-    buffer re-slicing cost about as much as compressing the pixels (BENCHMARKS.md, prep), and
-    hashed on the way out instead of reading the finished shard back.
-    """
-
-    def __init__(self, path: Path):
-        self.file = open(path, "wb")
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def _put(self, data: bytes) -> None:
-        self.file.write(data)
-        self.sha.update(data)
-        self.size += len(data)
-
-    def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o444
-        info.uname = info.gname = "medscale"
-        self._put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))  # a pax record only if needed
-        self._put(data)
-        if len(data) % tarfile.BLOCKSIZE:
-            self._put(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
-
-    def close(self) -> tuple[int, str]:
-        """End the archive (two zero blocks, padded to a whole record, as tarfile does); size and sha256."""
-        self._put(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
-        if self.size % tarfile.RECORDSIZE:
-            self._put(tarfile.NUL * (tarfile.RECORDSIZE - self.size % tarfile.RECORDSIZE))
-        self.file.close()
-        return self.size, self.sha.hexdigest()
-
-
-class _ShardSequence:
-    """Writes one split's shards for one chunk, rolling over at the target size."""
-
-    def __init__(self, out: Path, split: str, chunk: int, shard_bytes: int):
-        self.out, self.split, self.chunk, self.limit = out, split, chunk, shard_bytes
-        self.part = 0
-        self.done: list[dict[str, Any]] = []
-        self._open()
-
-    def _open(self) -> None:
-        self.name = f"{self.split}-{self.chunk:06d}-{self.part:02d}.tar"
-        self.tmp = self.out / (self.name + ".tmp")
-        self.tar = _TarFile(self.tmp)
-        self.samples, self.bytes, self.labels = 0, 0, Counter()
-
-    def add(self, key: str, members: dict[str, bytes], label_counts: dict[str, int]) -> None:
-        """One sample: members ``{extension: bytes}`` stored as ``key.extension``, in sorted order."""
-        if self.samples and self.bytes >= self.limit:
-            self._close()
-            self.part += 1
-            self._open()
-        for ext in sorted(members):
-            self.tar.add(f"{key}.{ext}", members[ext])
-            self.bytes += len(members[ext])
-        self.samples += 1
-        self.labels.update(label_counts)
-
-    def _close(self) -> None:
-        size, digest = self.tar.close()  # an unclosed tar would leave a truncated last shard
-        os.replace(self.tmp, self.out / self.name)
-        self.done.append(
-            {"path": self.name, "split": self.split, "samples": self.samples, "bytes": size,
-             "sha256": digest, "label_counts": dict(sorted(self.labels.items()))}
-        )
-
-    def close(self) -> list[dict[str, Any]]:
-        self._close()
-        return self.done
-
-
 _CTX: _Context | None = None
 _PROGRESS: Any = None
 
@@ -314,10 +257,10 @@ def _stratified_splits(job: PrepJob, labels: LabelTable | None) -> dict[str, str
     if not job.cfg.stratify:
         return None
     if labels is None:
-        raise ValueError("stratify=true needs a labels CSV (--labels or the recipe's labels_csv)")
+        raise ConfigError("stratify=true needs a labels CSV (--labels or the recipe's labels_csv)")
     pseudo = Pseudonymizer(job.key)
     strata = {pseudo("patient", raw): stratum for raw, stratum in labels.patient_strata().items() if raw}
-    return pseudo.stratified_splits(strata, job.cfg.splits)
+    return stratified_splits(pseudo, strata, job.cfg.splits)
 
 
 def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
@@ -329,7 +272,7 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
     for stale in out.glob(f"*-{index:06d}-*.tar*"):
         stale.unlink()  # leftovers of an interrupted run of this chunk
     result = _ChunkResult(index=index, inputs=len(sources))
-    sequences: dict[str, _ShardSequence] = {}
+    sequences: dict[str, ShardSequence] = {}
     patients: dict[str, Counter] = {}
     for src in sources:
         samples, encoded = [], []
@@ -351,18 +294,15 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
         for (key, info, _), (data, pix) in zip(samples, encoded):
             patient = info["patient"]
             assigned = ctx.splits.get(patient)
-            split = assigned or ctx.pseudo.split(patient, ctx.cfg.splits)
+            split = assigned or patient_split(ctx.pseudo, patient, ctx.cfg.splits)
             result.stratified += assigned is not None
             info["pixels"] = pix
             info["split"] = split
             target = info.pop("target")
-            if target is not None:
-                info["label" if ctx.labels is None or ctx.labels.task == "multiclass" else "labels"] = target
-            counts = _label_counts(ctx, target)
-            members = {"json": json.dumps(info, sort_keys=True).encode(), ctx.ext: data}
+            members = encode_sample(info, ctx.ext, data, task=ctx.task, label=target)
             if split not in sequences:
-                sequences[split] = _ShardSequence(out, split, index, ctx.cfg.shard_bytes)
-            sequences[split].add(key, members, counts)
+                sequences[split] = ShardSequence(out, split, index, ctx.cfg.shard_bytes)
+            sequences[split].add(key, members, target, _label_counts(ctx, target))
             patients.setdefault(split, Counter())[patient] += 1
             result.samples += 1
             result.lossy += not info.get("lossless", True)
@@ -373,10 +313,8 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
         result.shards.extend(sequences[split].close())
     result.patients = {s: dict(sorted(c.items())) for s, c in sorted(patients.items())}
     result.seconds = time.perf_counter() - t0
-    marker = out / "chunks" / f"{index:06d}.json"
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result.__dict__))
-    os.replace(tmp, marker)  # the marker is written last: its presence means the chunk is complete
+    # The marker is written last: its presence means the chunk is complete.
+    atomic_write(out / "chunks" / f"{index:06d}.json", json.dumps(result.__dict__))
     return result
 
 
@@ -412,8 +350,8 @@ def _plan(job: PrepJob, sources: list[_Source], labels: LabelTable | None) -> di
         "chunks": (len(sources) + job.chunk_files - 1) // job.chunk_files,
         "config": to_dict(job.cfg),
         "labels_csv": job.labels_csv,
-        "task": labels.task if labels else "multiclass",
-        "classes": labels.classes if labels else list(job.cfg.classes),
+        "task": _task(job.cfg, labels),
+        "classes": labels.classes if labels else list(job.cfg.classes) if job.cfg.label_from_dir else [],
         "key_fingerprint": Pseudonymizer(job.key)("fingerprint", "medscale"),
     }
 
@@ -424,7 +362,7 @@ def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
         if overwrite:
             shutil.rmtree(out)
         elif not resume:
-            raise FileExistsError(
+            raise ConfigError(
                 f"output directory {out} is not empty; pass --resume to continue an interrupted prep "
                 "or --overwrite to start again"
             )
@@ -438,21 +376,19 @@ def run_prep(job: PrepJob, *, progress: bool | None = None) -> dict[str, Any] | 
     splits = _stratified_splits(job, labels)
     sources = discover_inputs(job.inputs, job.cfg.include)
     if not sources:
-        raise ValueError(f"no input files found under {job.inputs} with patterns {job.cfg.include}")
+        raise InputNotFound(f"no input files found under {job.inputs} with patterns {job.cfg.include}")
     plan = _plan(job, sources, labels)
     plan_path = job.out / "plan.json"
     if plan_path.exists():
         old = json.loads(plan_path.read_text())
         for k in ("inputs_sha256", "chunk_files", "config", "key_fingerprint"):
             if old.get(k) != plan.get(k):
-                raise ValueError(
+                raise ConfigError(
                     f"{plan_path} was written for different {k.replace('_', ' ')}; resume only with the same "
                     "inputs, recipe, chunk size and key, or use --overwrite"
                 )
     else:
-        tmp = plan_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(plan, indent=1))
-        os.replace(tmp, plan_path)
+        atomic_write(plan_path, json.dumps(plan, indent=1))
 
     chunks = [
         (i, sources[i * job.chunk_files : (i + 1) * job.chunk_files])
@@ -479,7 +415,7 @@ def _run_chunks(job: PrepJob, labels: LabelTable | None, splits: dict[str, str] 
     def report() -> None:
         nonlocal last_log
         pbar.update(counter.value - pbar.n)
-        if not bar and time.monotonic() - last_log > 30:
+        if not bar and time.monotonic() - last_log > _LOG_EVERY_S:
             log.info("prep: %d/%d files", counter.value, total)
             last_log = time.monotonic()
 
@@ -494,7 +430,7 @@ def _run_chunks(job: PrepJob, labels: LabelTable | None, splits: dict[str, str] 
                                          initargs=(job, labels, splits, counter)) as pool:
             pending = pool.map_async(_process_chunk, chunks, chunksize=1)
             while not pending.ready():
-                pending.wait(0.5)
+                pending.wait(_POLL_S)
                 report()
             pending.get()  # re-raises a worker's exception here
     report()
@@ -514,7 +450,7 @@ def merge(out: Path) -> dict[str, Any]:
         else:
             missing.append(i)
     if missing:
-        raise RuntimeError(
+        raise PrepIncomplete(
             f"cannot merge {out}: {len(missing)} of {plan['chunks']} chunks are not finished "
             f"(first: {missing[:5]}); rerun the prep tasks with --resume"
         )
@@ -546,53 +482,24 @@ def merge(out: Path) -> dict[str, Any]:
                         "plain hash split, not the stratified one")
     for w in warnings:
         log.warning(w)
-    splits: dict[str, Any] = {}
-    for s in shards:
-        d = splits.setdefault(s["split"], {"shards": 0, "samples": 0, "bytes": 0, "label_counts": Counter()})
-        d["shards"] += 1
-        d["samples"] += s["samples"]
-        d["bytes"] += s["bytes"]
-        d["label_counts"].update(s["label_counts"])
-    for name, d in splits.items():
-        d["patients"] = len(split_patients.get(name, ()))
-        d["label_counts"] = dict(sorted(d["label_counts"].items()))
     cfg = plan["config"]
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "inputs": plan["inputs"],
-        "accepted_inputs": sum(r["accepted"] for r in results),
-        "samples": total,
-        # The most samples any one (pseudonymized) patient has: a placeholder PatientID shows here.
-        "largest_patient_samples": largest,
-        "warnings": warnings,
-        "stratified_samples": stratified if plan["config"].get("stratify") else None,
-        # Samples whose values are float32 after a non-integer rescale (not bit-exact integers).
-        "lossy_samples": sum(r.get("lossy", 0) for r in results),
-        "rejected": len(rejects),
-        "reject_reasons": dict(sorted(Counter(x["reason"] for x in rejects).items())),
-        "task": plan["task"],
-        "classes": plan["classes"],
-        "encoding": cfg["encoding"],
-        "pixel_extension": extension_for(cfg["encoding"]),
-        "key_fingerprint": plan["key_fingerprint"],
-        "splits": dict(sorted(splits.items())),
-        "shards": shards,
-        "config": cfg,
-    }
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
-    _atomic_write(out / "rejects.jsonl", "".join(json.dumps(x) + "\n" for x in rejects))
-    for split in splits:
-        index = {
-            "__kind__": "wids-shard-index-v1",
-            "wids_version": 1,
-            "name": split,
-            "shardlist": [{"url": s["path"], "nsamples": s["samples"]} for s in shards if s["split"] == split],
-        }
-        _atomic_write(out / f"{split}.wids.json", json.dumps(index, indent=1))
+    manifest = build_manifest(
+        shards, {name: len(ps) for name, ps in split_patients.items()},
+        task=plan["task"], classes=plan["classes"], encoding=cfg["encoding"],
+        pixel_extension=extension_for(cfg["encoding"]), key_fingerprint=plan["key_fingerprint"], config=cfg,
+        run={
+            "inputs": plan["inputs"],
+            "accepted_inputs": sum(r["accepted"] for r in results),
+            # The most samples any one (pseudonymized) patient has: a placeholder PatientID shows here.
+            "largest_patient_samples": largest,
+            "warnings": warnings,
+            "stratified_samples": stratified if cfg.get("stratify") else None,
+            # Samples whose values are float32 after a non-integer rescale (not bit-exact integers).
+            "lossy_samples": sum(r.get("lossy", 0) for r in results),
+            "rejected": len(rejects),
+            "reject_reasons": dict(sorted(Counter(x["reason"] for x in rejects).items())),
+        },
+    )
+    write_manifest(out, manifest)
+    atomic_write(out / "rejects.jsonl", "".join(json.dumps(x) + "\n" for x in rejects))
     return manifest
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

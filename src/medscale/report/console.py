@@ -61,7 +61,7 @@ def print_eval(result: dict[str, Any], title: str = "") -> None:
 
 def inspect_shards(root: str, *, verify: bool = False, dump: int = 0, dump_dir: str = "inspect_png") -> int:
     """Print the manifest summary; optionally verify checksums and dump previews. Returns an exit code."""
-    from medscale.data.loader import load_manifest
+    from medscale.formats.manifest import load_manifest
 
     manifest = load_manifest(root)
     print_manifest_summary(manifest)
