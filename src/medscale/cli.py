@@ -12,11 +12,14 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Sequence
 
 from medscale.config import ConfigError, RunConfig, load_config
+from medscale.errors import UserError
 from medscale.prep.config import PrepConfig
+from medscale.resources import resolve_resource
 
 __all__ = ["main"]
 
@@ -52,6 +55,9 @@ def cmd_prep(args: argparse.Namespace) -> int:
     labels = args.labels or (str(_recipe_relative(args.recipe, cfg.labels_csv)) if cfg.labels_csv else None)
     if not 0 <= args.task_index < args.num_tasks:
         raise ConfigError(f"--task-index {args.task_index} must be in [0, --num-tasks {args.num_tasks})")
+    for flag, value in (("--workers", args.workers), ("--chunk-files", args.chunk_files)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     key = load_pseudonym_key(args.key_file, allow_random=args.random_key)
     # Array tasks share one output directory: each resumes what is there.
     prepare_output(out, resume=args.resume or args.num_tasks > 1, overwrite=args.overwrite)
@@ -84,18 +90,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not launched() and cfg.dist.nproc > 1:
         return relaunch(cfg, ["train"])
     from medscale.dist import shutdown
-    from medscale.train.loop import train
+    from medscale.train.loop import run
 
-    train(cfg)
+    code = run(cfg)
     shutdown()  # before interpreter exit, or gloo may abort a rank that has finished (see shutdown)
-    return 0
+    return code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from medscale.dist import shutdown
     from medscale.eval.evaluate import run_eval
+    from medscale.report.console import print_eval
 
-    run_eval(args.run, args.overrides, split=args.split, output=args.output)
+    result, path = run_eval(args.run, args.overrides, split=args.split, output=args.output)
+    if path is not None:  # rank 0
+        print_eval(result, title=f"{result['split']} ({path})")
     shutdown()
     return 0
 
@@ -136,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("inputs", nargs="*", metavar="INPUT", help="directories, files, .txt file lists, or key=value overrides")
     pp.add_argument("--out", required=True, help="output directory for shards and manifest")
     pp.add_argument("--labels", help="labels CSV (overrides the recipe's labels_csv)")
-    pp.add_argument("--recipe", help="recipe YAML (see data_prep/); default: PrepConfig defaults")
+    pp.add_argument("--recipe", help="recipe YAML, or a packaged one such as data_prep/demo.yaml; "
+                    "default: PrepConfig defaults")
     pp.add_argument("--workers", type=int, default=1, help="worker processes on this node (default 1)")
     pp.add_argument("--key-file", help=f"pseudonym key file (or set the env var MEDSCALE_PSEUDONYM_KEY)")
     pp.add_argument("--random-key", action="store_true", help="one-off random pseudonym key (pseudonyms will not match other runs)")
@@ -152,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("train", help="train a timm model with DeepSpeed on prepped shards",
                         description="Train with DeepSpeed. Outside a launcher, dist.nproc>1 starts the deepspeed "
                         "launcher on this node; under deepspeed, torchrun or srun it joins the existing ranks.")
-    pt.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    pt.add_argument("--config", required=True, help="run config YAML, or a packaged one such as configs/demo.yaml")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
     pt.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # some launchers pass it
     pt.set_defaults(func=cmd_train)
@@ -189,17 +199,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resolve_resources(args: argparse.Namespace) -> None:
+    """Point --config and --recipe at the user's file, or else at the packaged copy of that name."""
+    for attr, kind in (("config", "configs"), ("recipe", "data_prep")):
+        if getattr(args, attr, None):
+            setattr(args, attr, str(resolve_resource(getattr(args, attr), kind, f"--{attr}")))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done, 2 bad config or input (one line), 1 anything else.
+
+    Only a `UserError` counts as bad input: any other exception is a bug or an environment failure,
+    so it keeps its traceback rather than passing for a typo. MEDSCALE_DEBUG=1 adds the traceback
+    to user errors too.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        _resolve_resources(args)
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        # Bad input (config, CSV, key, paths) gets one clear line; MEDSCALE_DEBUG=1 shows the traceback.
+    except UserError as e:
         if os.environ.get("MEDSCALE_DEBUG"):
-            raise
+            traceback.print_exc()
         print(f"medscale {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        traceback.print_exc()
+        print(f"medscale {args.command}: failed with an unexpected error (traceback above)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

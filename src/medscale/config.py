@@ -128,6 +128,8 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation. The DeepSpeed JSON gets its batch sizes, clipping and precision from here."""
 
+    objective: Literal["classification"] = "classification"
+    """What the model learns (the task seam, `medscale.train.tasks`): classification of labeled images."""
     task: Literal["multiclass", "multilabel"] = "multiclass"
     """multiclass: softmax cross-entropy over one label; multilabel: sigmoid BCE per finding."""
     steps: int = 100
@@ -389,7 +391,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise fail()
-    raise ConfigError(f"config key '{key}': unsupported field type {tp}")  # a bug in this module
+    raise TypeError(f"config key '{key}': unsupported field type {tp}")  # a bug in this module, not bad input
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -448,7 +450,7 @@ def _build(cls: type[T], values: dict[str, Any]) -> T:
         return cls(**kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as e:
+    except ValueError as e:  # a validator's message about a value; a TypeError here is a bug and keeps its traceback
         raise ConfigError(str(e)) from e
 
 

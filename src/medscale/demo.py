@@ -127,18 +127,25 @@ def run_demo(out: Path, config: str | None = None, overrides: Sequence[str] = ()
 
     from tabulate import tabulate
 
-    from medscale.config import RunConfig, load_config
+    from medscale.config import ConfigError, RunConfig, load_config
     from medscale.prep.config import PrepConfig
     from medscale.dist import relaunch
     from medscale.prep.deid import load_pseudonym_key
     from medscale.prep.pipeline import PrepJob, prepare_output, run_prep
     from medscale.report.console import print_eval, print_manifest_summary
+    from medscale.resources import resolve_resource
 
-    config = config or "configs/demo.yaml"
+    for flag, value in (("--patients", patients), ("--images-per-patient", images_per_patient), ("--workers", workers)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    config_path = resolve_resource(config or "configs/demo.yaml", "configs", "--config")
     # Resolve the run config first: a bad override fails before minutes of data generation.
-    cfg = load_config(RunConfig, config, [*overrides, f"data.shards={out / 'shards'}", f"out_dir={out / 'run'}"])
-    recipe = Path(config).resolve().parent.parent / "data_prep" / "demo.yaml"
-    prep_cfg = load_config(PrepConfig, recipe if recipe.exists() else None)
+    cfg = load_config(RunConfig, config_path,
+                      [*overrides, f"data.shards={out / 'shards'}", f"out_dir={out / 'run'}"])
+    # A recipe beside a config of one's own (a copied configs/ + data_prep/ tree) wins over the packaged one.
+    beside = config_path.resolve().parent.parent / "data_prep" / "demo.yaml"
+    recipe = beside if beside.is_file() else resolve_resource("data_prep/demo.yaml", "data_prep", "demo recipe")
+    prep_cfg = load_config(PrepConfig, recipe)
     times: dict[str, float] = {}
 
     t = time.perf_counter()

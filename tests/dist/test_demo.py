@@ -3,11 +3,8 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.integration
@@ -15,7 +12,10 @@ def test_demo_tiny_through_deepspeed_launcher(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "medscale.cli", "demo", "--out", str(out), "--patients", "30",
            "--images-per-patient", "4", "--workers", "2", "train.steps=12", "train.log_every=4", "eval.bootstrap=20"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # Run outside the checkout: the packaged demo config, DeepSpeed JSON and recipe must be found anyway.
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    r = subprocess.run(cmd, cwd=elsewhere, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "deepspeed.launcher.runner" in r.stdout  # it really went through the launcher
 

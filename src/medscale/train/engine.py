@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from medscale.config import ConfigError, RunConfig
+from medscale.resources import resolve_resource
 from medscale.train.optim import build_optimizer, lr_factor
 
 __all__ = ["resolve_ds_config", "build_engine", "input_dtype"]
@@ -42,7 +43,7 @@ def resolve_ds_config(cfg: RunConfig, world: int, path: str | Path | None = None
             that contradicts the run config (the message names both), or a combination DeepSpeed
             would run wrongly (LAMB on partitioned tensors, bf16 accumulation without ZeRO).
     """
-    path = Path(path or cfg.dist.deepspeed_config)
+    path = resolve_resource(path or cfg.dist.deepspeed_config, "ds_configs", "dist.deepspeed_config")
     try:
         ds = json.loads(path.read_text())
     except OSError as e:
