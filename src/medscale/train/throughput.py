@@ -19,9 +19,16 @@ import torch
 
 from medscale.config import ModelConfig
 
-__all__ = ["flops_per_sample", "device_peak_tflops", "Throughput"]
+__all__ = ["FWD_BWD_FLOPS", "flops_per_sample", "device_peak_tflops", "Throughput"]
 
 log = logging.getLogger("medscale.train.throughput")
+
+FWD_BWD_FLOPS = 3
+"""Training FLOPs per forward FLOP: the backward pass costs about twice the forward (input and weight grads)."""
+_TERA = 1e12
+_GIB = 2**30
+_KIB_PER_GIB = 2**20  # ru_maxrss is in KiB on Linux
+_MIN_INTERVAL_S = 1e-9  # guards the rates against a zero-length interval
 
 # Dense (no sparsity) peak TFLOP/s per device: (bf16/fp16 tensor cores, tf32). Vendor data sheets;
 # the first matching name wins, so more specific names come first.
@@ -48,8 +55,7 @@ _PEAKS: list[tuple[str, float, float]] = [
 def flops_per_sample(cfg: ModelConfig, *, in_chans: int, img_size: int) -> float | None:
     """Forward FLOPs of one sample (multiply-add = 2 FLOPs), or None if counting fails.
 
-    The model is built on the meta device: shapes only, no memory and no arithmetic, so counting
-    a ViT-L at 384 px takes well under a second on every rank.
+    The model is built on the meta device: shapes only, no memory and no arithmetic.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,8 +66,16 @@ def flops_per_sample(cfg: ModelConfig, *, in_chans: int, img_size: int) -> float
             model = create_model(dataclasses.replace(cfg, weights="", grad_checkpointing=False),
                                  img_size=img_size, in_chans=in_chans).eval()
             x = torch.zeros(1, in_chans, img_size, img_size)
+        # Parameters must not require grad, and `torch.no_grad()` alone is not enough: FlopCounterMode
+        # attributes FLOPs to modules with a ModuleTracker, whose forward hooks register a backward hook
+        # on every module input that requires grad and so need its grad_fn or grad accumulator. A view of
+        # a parameter made under no_grad still requires grad but has neither (torch.autograd.graph raises
+        # "Expected gradient function to be set"). timm's attention-pool head (global_pool="map", e.g.
+        # test_vit3) feeds such a view, `self.latent.expand(B, -1, -1)`, into its `q` Linear. With no
+        # tensor requiring grad the tracker registers nothing, whatever the caller's grad mode.
+        model.requires_grad_(False)
         counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
+        with counter:
             model(x)
         return float(counter.get_total_flops())
     except Exception as e:  # noqa: BLE001 - a model the counter cannot trace only loses the MFU figure
@@ -85,8 +99,8 @@ def device_peak_tflops(precision: str, configured: float = 0.0) -> float | None:
 def peak_memory_gb() -> float:
     """Peak memory of this process: GPU memory allocated on GPUs, resident set size on CPUs."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return torch.cuda.max_memory_allocated() / _GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / _KIB_PER_GIB
 
 
 class Throughput:
@@ -121,11 +135,11 @@ class Throughput:
     def report(self) -> dict[str, float | None]:
         """Figures since the previous report (then starts a new interval)."""
         now = time.perf_counter()
-        elapsed = max(now - self.since, 1e-9)
+        elapsed = max(now - self.since, _MIN_INTERVAL_S)
         rate = self.micro * self.samples_per_micro / elapsed
         mfu = None
         if self.flops and self.peak:
-            mfu = 3 * self.flops * rate / (self.world * self.peak * 1e12)
+            mfu = FWD_BWD_FLOPS * self.flops * rate / (self.world * self.peak * _TERA)
         out = {"samples_per_s": rate, "mfu": mfu, "data_wait_frac": self.wait / elapsed,
                "peak_mem_gb": peak_memory_gb()}
         self.micro, self.wait, self.since = 0, 0.0, now
