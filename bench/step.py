@@ -49,7 +49,7 @@ def main() -> None:
     from medscale.dist import init_distributed
     from medscale.train.engine import build_engine, input_dtype, resolve_ds_config
     from medscale.train.numerics import NumericsGuard
-    from medscale.train.losses import build_loss
+    from medscale.train.tasks import build_task
     from medscale.models import create_model
     from medscale.train.throughput import Throughput
     from medscale.train.loop import train_step
@@ -67,7 +67,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     engine = build_engine(create_model(cfg.model, img_size=a.img, in_chans=3), cfg, dist.world, ds_config)
-    loss_fn = build_loss(cfg.train, {})
+    task = build_task(cfg, {"task": cfg.train.task, "classes": [str(c) for c in range(cfg.model.num_classes)]})
     guard = NumericsGuard(engine, cfg.train, dist.world)
     meter = Throughput(a.batch, None, None, dist.world)
 
@@ -89,7 +89,7 @@ def main() -> None:
         times = []
         t = time.perf_counter()
         for batch in meter.batches(batches[i % len(batches)] for i in range(n)):
-            out = train_step(engine, batch, loss_fn, guard)  # what train() does per micro-batch
+            out = train_step(engine, batch, task, guard)  # what train() does per micro-batch
             if out.loss is not None:
                 losses.append(out.loss)
             now = time.perf_counter()

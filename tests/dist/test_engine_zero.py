@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from medscale.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_BATCH = 8
@@ -84,7 +85,7 @@ def _rank_main(out: str, names: list[str]) -> None:
     from medscale.train.ema import ModelEma
     from medscale.train.engine import build_engine, resolve_ds_config
     from medscale.train.numerics import NumericsGuard
-    from medscale.train.losses import build_loss
+    from medscale.train.tasks import build_task
     from medscale.train.loop import train_step
 
     torch.set_num_threads(1)
@@ -98,7 +99,7 @@ def _rank_main(out: str, names: list[str]) -> None:
         engine = build_engine(_model(cfg), cfg, dist.world, ds)
         ema = ModelEma(engine, EMA_DECAY)
         guard = NumericsGuard(engine, cfg.train, dist.world)
-        loss_fn = build_loss(cfg.train, {})
+        task = build_task(cfg, {"task": cfg.train.task, "classes": [str(c) for c in range(cfg.model.num_classes)]})
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         mb = cfg.train.micro_batch_size
         losses = []
@@ -108,7 +109,7 @@ def _rank_main(out: str, names: list[str]) -> None:
             for k in range(accum):
                 lo = (k * dist.world + dist.rank) * mb  # global batch = accum x world micro-batches
                 batch = {"image": x[lo:lo + mb], "target": y[lo:lo + mb], "valid": torch.ones(mb, dtype=torch.bool)}
-                r = train_step(engine, batch, loss_fn, guard)
+                r = train_step(engine, batch, task, guard)
                 micro.append(r.loss)
             assert r.stepped and engine.was_step_applied()
             ema.update()
@@ -136,8 +137,8 @@ def _reference(precision_name: str, accum: int) -> dict:
     """Plain PyTorch, one process, the whole global batch: losses, EMA, logits with EMA weights."""
     import torch
 
-    from medscale.train.optim import build_optimizer, lr_factor
     from medscale.train.losses import build_loss
+    from medscale.train.optim import build_optimizer, lr_factor
 
     cfg = _run_cfg("fp32", 1, accum)
     model = _model(cfg)
@@ -166,14 +167,9 @@ def _reference(precision_name: str, accum: int) -> dict:
     return {"losses": losses, "ema": ema, "ema_logits": ema_logits, "trained_logits": trained}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _launch(world: int, out: Path, names: list[str]) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from medscale.dist import free_port
 from conftest import write_shards
 
 pytestmark = pytest.mark.integration
@@ -24,11 +24,6 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -122,14 +117,14 @@ def test_zero3_two_ranks_resume_with_ema(tmp_path, shards):
     """2 ZeRO-3 ranks under torchrun: each rank's EMA partition goes into the checkpoint consolidated and
     comes back into the partitions on resume."""
     config = _config(tmp_path, shards, steps=4)
-    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m"]
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m"]
     zero3 = f"dist.deepspeed_config={ROOT / 'ds_configs' / 'cpu_zero3.json'}"
     whole = tmp_path / "whole"
     assert "2 ranks" in _train(config, whole, zero3, launcher=torchrun)
     resumed = tmp_path / "resumed"
     shutil.copytree(whole, resumed)
     _kill_after(resumed, 2)
-    torchrun[4] = str(_free_port())
+    torchrun[4] = str(free_port())
     assert "step00000002" in _train(config, resumed, zero3, launcher=torchrun)
     assert _losses(resumed) == pytest.approx(_losses(whole), rel=1e-6, abs=1e-7)
     a = torch.load(whole / "model.pt", weights_only=True)["model_ema"]
@@ -144,7 +139,7 @@ from medscale.config import RunConfig, from_dict
 from medscale.dist import init_distributed
 from medscale.train.engine import build_engine, resolve_ds_config
 from medscale.train.numerics import NumericsGuard
-from medscale.train.losses import build_loss
+from medscale.train.tasks import build_task
 from medscale.models import create_model
 from medscale.train.loop import train_step
 
@@ -153,20 +148,21 @@ cfg = from_dict(RunConfig, {"model": {"name": "test_vit", "patch_size": 8, "num_
                             "train": {"micro_batch_size": 4, "grad_accum": 2, "precision": "fp32", "max_nonfinite": 2}})
 engine = build_engine(create_model(cfg.model, img_size=16, in_chans=1), cfg, 1,
                       resolve_ds_config(cfg, 1, "ds_configs/cpu_zero2.json"))
-guard, loss_fn = NumericsGuard(engine, cfg.train, 1), build_loss(cfg.train, {})
+guard = NumericsGuard(engine, cfg.train, 1)
+task = build_task(cfg, {"task": "multiclass", "classes": ["a", "b"]})
 good = {"image": torch.randn(4, 1, 16, 16), "target": torch.tensor([0, 1, 0, 1]), "valid": torch.ones(4, dtype=torch.bool)}
 bad = dict(good, image=torch.full((4, 1, 16, 16), float("nan")))
 before = [p.detach().clone() for p in engine.module.parameters()]
-r1 = train_step(engine, good, loss_fn, guard)      # first micro-batch of the step
-r2 = train_step(engine, bad, loss_fn, guard)       # skipped: no backward, no step
+r1 = train_step(engine, good, task, guard)      # first micro-batch of the step
+r2 = train_step(engine, bad, task, guard)       # skipped: no backward, no step
 assert r1.loss is not None and not r1.stepped and r2 == (None, False), (r1, r2)
 assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
-r3 = train_step(engine, good, loss_fn, guard)      # completes the accumulation: one clean step
+r3 = train_step(engine, good, task, guard)      # completes the accumulation: one clean step
 assert r3.stepped and engine.global_steps == 1 and engine.was_step_applied()
 assert all(torch.isfinite(p).all() for p in engine.module.parameters())
-train_step(engine, bad, loss_fn, guard)
+train_step(engine, bad, task, guard)
 try:
-    train_step(engine, bad, loss_fn, guard)
+    train_step(engine, bad, task, guard)
 except FloatingPointError as e:
     print("STOPPED:", e)
 """

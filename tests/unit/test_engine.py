@@ -1,5 +1,5 @@
 """Unit tests of the engine pieces: DeepSpeed config resolution, parameter groups and LLRD, schedule,
-losses, EMA, numerics guards, throughput, weights loading, Slurm environment, checkpoint choice.
+losses, EMA, numerics guards, weights loading, Slurm environment, checkpoint choice.
 
 Nothing here starts a process group; the multi-process runs are in test_engine_zero.py,
 test_launch.py and test_train.py.
@@ -284,42 +284,6 @@ def test_fp16_overflows_counted_and_a_collapse_stops_with_advice():
         dead.optimizer_step()
 
 
-# -- throughput ------------------------------------------------------------------------------------------
-
-
-def test_flops_and_mfu():
-    from medscale.train.throughput import Throughput, device_peak_tflops, flops_per_sample
-
-    from medscale.config import ModelConfig
-
-    # test_vit, 16 px, patch 8: 4 patches + class token, width 64, MLP ratio 3, 6 blocks
-    tokens, width, depth = 5, 64, 6
-    linear = 3 * width + width + 3 * width + 3 * width  # qkv, proj, fc1, fc2 (per input feature)
-    per_block = 2 * tokens * width * linear + 2 * 2 * tokens * tokens * width  # + q.k and attn.v
-    embed, head = 2 * 4 * (8 * 8 * 1) * width, 2 * width * 3
-    flops = flops_per_sample(ModelConfig(name="test_vit", patch_size=8, num_classes=3), in_chans=1, img_size=16)
-    assert flops == depth * per_block + embed + head
-    assert device_peak_tflops("bf16") is None  # a CPU: no guessed peak
-    assert device_peak_tflops("bf16", configured=2.0) == 2.0
-    meter = Throughput(samples_per_micro=8, flops=1e9, peak_tflops=1.0, world=2)
-    for _ in meter.batches(range(5)):
-        pass
-    fig = meter.report()
-    assert fig["samples_per_s"] > 0 and 0 <= fig["data_wait_frac"] <= 1 and fig["peak_mem_gb"] > 0
-    assert fig["mfu"] == pytest.approx(3 * 1e9 * fig["samples_per_s"] / (2 * 1e12))
-    assert Throughput(8, None, None, 1).report()["mfu"] is None
-
-
-def test_peak_table_for_known_gpus(monkeypatch):
-    from medscale.train.throughput import device_peak_tflops
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name, bf16, fp32 in (("NVIDIA H100 80GB HBM3", 989.0, 494.0), ("NVIDIA H100 PCIe", 756.0, 378.0),
-                             ("NVIDIA A100-SXM4-80GB", 312.0, 156.0), ("Some New GPU", None, None)):
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
-        assert device_peak_tflops("bf16") == bf16 and device_peak_tflops("fp32") == fp32
-
-
 # -- models ------------------------------------------------------------------------------------------------
 
 
@@ -420,7 +384,7 @@ def test_resume_takes_newest_complete_checkpoint(tmp_path):
     from medscale.dist import DistInfo
 
     cfg = from_dict(RunConfig, {"checkpoint": {"keep": 2}})
-    ck = Checkpointer(cfg, tmp_path, DistInfo(0, 1, 0))
+    ck = Checkpointer(cfg.checkpoint, tmp_path, DistInfo(0, 1, 0), last_step=cfg.train.steps)
     for step, complete in ((2, True), (4, True), (6, True), (8, False)):
         d = ck.root / f"step{step:08d}"
         d.mkdir(parents=True)
@@ -442,3 +406,13 @@ def test_shipped_run_configs_load_and_agree_with_their_deepspeed_config(path, mo
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     ds = resolve_ds_config(cfg, world=8, path=ROOT / cfg.dist.deepspeed_config)
     assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 8
+
+
+def test_deit_takes_the_configured_image_size():
+    """deit's distilled ViT forwards **kwargs to VisionTransformer: img_size must still reach it."""
+    from medscale.config import ModelConfig
+    from medscale.models import create_model
+
+    model = create_model(ModelConfig(name="deit_tiny_distilled_patch16_224", num_classes=3), img_size=64, in_chans=1)
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 1, 64, 64)).shape == (1, 3)

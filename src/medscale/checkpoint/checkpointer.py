@@ -1,10 +1,16 @@
-"""Checkpoints that are either complete or ignored: weights, optimizer, EMA, step, loader, RNG, config.
+"""Checkpoints that are either complete or ignored: DeepSpeed's engine state plus a dict of stateful parts.
+
+The checkpointer is handed the engine and a dict of *parts*, objects with ``state_dict()`` and
+``load_state_dict()`` (the train state, the loader, the EMA, the tracker; a new piece of state
+adds itself to the dict). It does not know what they hold.
 
 Layout of ``<out_dir>/checkpoints/``::
 
     step00000100/            DeepSpeed's files: model, ZeRO optimizer partitions, and a client state
-                             with step, epoch, loader position, resolved config, W&B run id
-        ema.pt               consolidated fp32 EMA (independent of the number of ranks)
+                             with the step, world size and resolved config
+        parts.pt             every part's state_dict, saved by rank 0 (parts are rank-independent;
+                             a part whose state_dict is a collective, such as the ZeRO-3 EMA, is
+                             asked on every rank)
         rng_rank<r>.pt       each rank's Python/NumPy/torch RNG states
         complete.json        written last, by rank 0, after every rank has finished writing
     latest                   tag of the newest complete checkpoint (DeepSpeed's tools read it)
@@ -19,26 +25,36 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
 
-from medscale.config import ConfigError, RunConfig, to_dict
+from medscale.config import CheckpointConfig, ConfigError
 from medscale.dist import DistInfo, barrier
+from medscale.files import atomic_write
 
-__all__ = ["Checkpointer", "TrainState"]
+__all__ = ["Checkpointer", "Stateful", "TrainState", "COMPLETE", "PARTS"]
 
-log = logging.getLogger("medscale.checkpoint.checkpointer")
+log = logging.getLogger("medscale.checkpoint")
 
 _TAG = re.compile(r"^step(\d{8,})$")
 COMPLETE = "complete.json"
+PARTS = "parts.pt"
+
+
+class Stateful(Protocol):
+    """A part of the training state. It may also have ``reset()``, called when a checkpoint holds no
+    state for it (a part added since), so it can start from what the engine loaded."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class TrainState:
@@ -47,47 +63,53 @@ class TrainState:
     def __init__(self, step: int = 0, epoch: int = 0):
         self.step, self.epoch = step, epoch
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+
 
 class Checkpointer:
     """Saves on every rank and resumes from the newest complete checkpoint.
 
     Args:
-        cfg: the run config (``checkpoint.*``; the resolved config goes into every checkpoint).
-        run_dir: the run directory.
+        cfg: the ``checkpoint`` section.
+        run_dir: the run directory (checkpoints go to ``run_dir/checkpoints``).
         dist: this process's rank and world size.
+        last_step: the run's final step, which is always saved.
+        config: the resolved run config, stored in every checkpoint.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, dist: DistInfo):
-        if cfg.checkpoint.keep < 1:
-            raise ConfigError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, dist: DistInfo, *, last_step: int,
+                 config: Mapping[str, Any] | None = None):
+        if cfg.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1, got {cfg.keep}")
         self.cfg, self.dist, self.run_dir = cfg, dist, run_dir
+        self.last_step, self.config = last_step, dict(config or {})
         self.root = run_dir / "checkpoints"
 
     def due(self, step: int) -> bool:
         """Save now? Every ``checkpoint.every_steps`` and at the last step."""
-        every = self.cfg.checkpoint.every_steps
-        return step == self.cfg.train.steps or bool(every and step % every == 0)
+        every = self.cfg.every_steps
+        return step == self.last_step or bool(every and step % every == 0)
 
-    def save(self, engine: Any, state: TrainState, stream: Any = None, ema: Any = None) -> Path:
-        """Write a checkpoint of the current step (every rank must call it)."""
-        tag = f"step{state.step:08d}"
+    def save(self, engine: Any, step: int, parts: Mapping[str, Stateful | None]) -> Path:
+        """Write the checkpoint of `step` (every rank must call it, with the same parts)."""
+        tag = f"step{step:08d}"
         path = self.root / tag
-        wandb_id = self.run_dir / "wandb_id"
-        client = {"medscale": {"step": state.step, "epoch": state.epoch, "world": self.dist.world,
-                               "loader": stream.state_dict() if hasattr(stream, "state_dict") else None,
-                               "config": to_dict(self.cfg),
-                               "wandb_id": wandb_id.read_text().strip() if wandb_id.exists() else None}}
+        client = {"medscale": {"step": step, "world": self.dist.world, "config": self.config}}
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
-        ema_state = ema.state_dict() if ema is not None else None  # a collective under ZeRO-3
-        if self.dist.is_main and ema_state is not None:
-            torch.save(ema_state, path / "ema.pt")
+        states = {name: part.state_dict() for name, part in parts.items() if part is not None}  # may be collectives
         path.mkdir(parents=True, exist_ok=True)  # ranks that DeepSpeed gave nothing to write
+        if self.dist.is_main:
+            torch.save(states, path / PARTS)
         torch.save(_rng_state(), path / f"rng_rank{self.dist.rank}.pt")
         barrier()  # every rank's files are on disk
         if self.dist.is_main:
-            _atomic_write(path / COMPLETE, json.dumps({"step": state.step, "world": self.dist.world,
-                                                       "time": time.time()}))
-            _atomic_write(self.root / "latest", tag)
+            atomic_write(path / COMPLETE, json.dumps({"step": step, "world": self.dist.world, "parts": sorted(states),
+                                                      "time": time.time()}))
+            atomic_write(self.root / "latest", tag)
             self._prune()
         barrier()
         log.info("saved checkpoint %s", path)
@@ -98,16 +120,19 @@ class Checkpointer:
         done = [p for p in self._tags() if (p / COMPLETE).exists()]
         return done[-1] if done else None
 
-    def resume(self, engine: Any, stream: Any = None, ema: Any = None) -> TrainState:
-        """Load the newest complete checkpoint into engine, EMA, loader and RNG; a fresh state if none.
+    def resume(self, engine: Any, parts: Mapping[str, Stateful | None]) -> Path | None:
+        """Load the newest complete checkpoint into the engine, the parts and this rank's RNG.
+
+        Returns the checkpoint directory, or None when there is none (or ``checkpoint.resume`` is off):
+        then everything stays as it is.
 
         Raises:
             RuntimeError: the checkpoint was written by another number of ranks under ZeRO (its
                 optimizer state is partitioned by rank), or DeepSpeed cannot load it.
         """
-        path = self.newest() if self.cfg.checkpoint.resume else None
+        path = self.newest() if self.cfg.resume else None
         if path is None:
-            return TrainState()
+            return None
         info = json.loads((path / COMPLETE).read_text())
         if info["world"] != self.dist.world and engine.zero_optimization_stage() > 0:
             raise RuntimeError(
@@ -117,20 +142,22 @@ class Checkpointer:
         loaded, client = engine.load_checkpoint(str(self.root), tag=path.name)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-        meta = client["medscale"]
-        if ema is not None:
-            if (path / "ema.pt").exists():
-                ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+        states = _read_parts(path, client)
+        for name, part in parts.items():
+            if part is None:
+                continue
+            if name in states:
+                part.load_state_dict(states[name])
             else:
-                log.warning("checkpoint %s has no EMA: the EMA restarts from the loaded weights", path)
-                ema.reset()
+                log.warning("checkpoint %s holds no state of %r: it starts from the loaded weights", path, name)
+                reset = getattr(part, "reset", None)
+                if reset is not None:
+                    reset()
         rng = path / f"rng_rank{self.dist.rank}.pt"
         if rng.exists() and info["world"] == self.dist.world:
             _set_rng_state(torch.load(rng, weights_only=True))
-        if meta.get("loader") is not None and hasattr(stream, "load_state_dict"):
-            stream.load_state_dict(meta["loader"])
-        log.info("resumed from %s at step %d, epoch %d", path, meta["step"], meta["epoch"])
-        return TrainState(int(meta["step"]), int(meta["epoch"]))
+        log.info("resumed from %s at step %d", path, info["step"])
+        return path
 
     def _tags(self) -> list[Path]:
         if not self.root.is_dir():
@@ -142,11 +169,26 @@ class Checkpointer:
         """Keep the newest `checkpoint.keep` complete checkpoints; drop torn ones older than those."""
         tags = self._tags()
         done = [p for p in tags if (p / COMPLETE).exists()]
-        keep = set(done[-self.cfg.checkpoint.keep:])
+        keep = set(done[-self.cfg.keep:])
         newest = done[-1]
         for p in tags:
             if p not in keep and (p in done or p.name < newest.name):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _read_parts(path: Path, client: dict[str, Any]) -> dict[str, Any]:
+    """The parts' states; checkpoints of medscale 0.1 kept them in the client state and ``ema.pt``."""
+    if (path / PARTS).exists():
+        return torch.load(path / PARTS, map_location="cpu", weights_only=True)
+    meta = client.get("medscale", {})
+    states: dict[str, Any] = {"train": {"step": meta["step"], "epoch": meta["epoch"]}}
+    if meta.get("loader") is not None:
+        states["loader"] = meta["loader"]
+    if meta.get("wandb_id"):
+        states["tracker"] = {"wandb_id": meta["wandb_id"]}
+    if (path / "ema.pt").exists():
+        states["ema"] = torch.load(path / "ema.pt", map_location="cpu", weights_only=True)
+    return states
 
 
 def _rng_state() -> dict[str, Any]:
@@ -173,9 +215,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _tuples(x: Any) -> Any:
     """random.setstate wants tuples where a round trip through torch.save may give lists."""
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -4,7 +4,8 @@ Each rank predicts its share (padding samples flagged ``valid=False`` are droppe
 predictions are gathered with their sample keys, duplicates are removed by key and counted,
 and the metrics (AUROC, AUPRC, sensitivity/specificity, calibration, bootstrap CIs by patient)
 are computed once on the full set, optionally also with predictions pooled per patient or study.
-`run_eval` is `medscale eval`: a finished run's weights (the EMA when there is one) on a split.
+`run_eval` is `medscale eval`: a finished run's weights (the EMA when there is one) on a split,
+the result saved to the run directory; printing it is the caller's business (`medscale.report`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from medscale.config import RunConfig
+from medscale.config import ConfigError, EvalConfig, RunConfig
 from medscale.data.loader import ShardStream, make_loader
+from medscale.files import atomic_write
 from medscale.dist import all_gather_objects
 from medscale.eval.metrics import aggregate_by_group, classification_metrics
 
-__all__ = ["predict", "evaluate", "load_run_model", "run_eval"]
+__all__ = ["predict", "evaluate", "save_result", "run_eval"]
 
 log = logging.getLogger("medscale.eval.evaluate")
 
@@ -56,13 +58,13 @@ def predict(model: Any, stream: ShardStream, dtype: torch.dtype, device: torch.d
             "targets": torch.cat(targets).numpy() if targets else np.zeros((0,), np.int64)}
 
 
-def evaluate(model: Any, stream: ShardStream, cfg: RunConfig, dtype: torch.dtype,
-             device: torch.device) -> dict[str, Any]:
+def evaluate(model: Any, stream: ShardStream, cfg: EvalConfig, dtype: torch.dtype,
+             device: torch.device, seed: int = 0) -> dict[str, Any]:
     """Metrics over the whole split, identical on every rank (all ranks must call it).
 
     Corrupt samples (undecodable; the loader logs each and passes padding in their place) are
-    left out of the metrics and reported as ``corrupt_samples``, up to the training limit
-    ``data.max_corrupt_fraction`` of the split.
+    left out of the metrics and reported as ``corrupt_samples``, up to the stream's limit
+    (``data.max_corrupt_fraction`` of the split). `seed` seeds the bootstrap.
 
     Raises:
         RuntimeError: the ranks together saw another number of distinct samples than the
@@ -86,9 +88,9 @@ def evaluate(model: Any, stream: ShardStream, cfg: RunConfig, dtype: torch.dtype
             if have_studies:
                 studies.append(part["studies"][i])
     corrupt = sum(part["corrupt"] for part in parts)
-    if corrupt > cfg.data.max_corrupt_fraction * stream.samples:
+    if corrupt > stream.max_corrupt_fraction * stream.samples:
         raise RuntimeError(f"{corrupt} corrupt samples in split {stream.split!r} ({stream.root}) exceed "
-                           f"data.max_corrupt_fraction={cfg.data.max_corrupt_fraction} of its {stream.samples}; "
+                           f"data.max_corrupt_fraction={stream.max_corrupt_fraction} of its {stream.samples}; "
                            "the log names each one; check the shards with `medscale inspect --verify`")
     if corrupt:
         log.warning("%d corrupt samples of split %r left out of the metrics", corrupt, stream.split)
@@ -98,22 +100,21 @@ def evaluate(model: Any, stream: ShardStream, cfg: RunConfig, dtype: torch.dtype
         raise RuntimeError(f"evaluation saw {len(seen)} distinct samples of split {stream.split!r} and {corrupt} "
                            f"corrupt ones; the manifest says {stream.samples}")
     p, t = np.stack(probs), np.stack(targets)
-    e = cfg.eval
     options = dict(task=stream.task, class_names=stream.manifest.get("classes") or None,
-                   threshold=e.threshold, at_specificity=e.at_specificity or None, n_bootstrap=e.bootstrap,
-                   seed=cfg.train.seed)
+                   threshold=cfg.threshold, at_specificity=cfg.at_specificity or None, n_bootstrap=cfg.bootstrap,
+                   seed=seed)
     result = classification_metrics(p, t, groups=patients, **options)
     result.update({"split": stream.split, "n_patients": len(set(patients)), "duplicates_dropped": duplicates,
                    "expected_samples": stream.samples, "corrupt_samples": corrupt})
-    if e.aggregate != "none":
-        if e.aggregate == "study" and not have_studies:
-            raise ValueError("eval.aggregate=study needs a study id per sample, and the loader passes none; "
+    if cfg.aggregate != "none":
+        if cfg.aggregate == "study" and not have_studies:
+            raise ConfigError("eval.aggregate=study needs a study id per sample, and the loader passes none; "
                              "use eval.aggregate=patient")
-        groups = studies if e.aggregate == "study" else patients
-        pooled, pooled_t, names = _pool(p, t, groups, stream.task, e.aggregate, e.aggregate_how)
+        groups = studies if cfg.aggregate == "study" else patients
+        pooled, pooled_t, names = _pool(p, t, groups, stream.task, cfg.aggregate, cfg.aggregate_how)
         level = classification_metrics(pooled, pooled_t, **options)  # each group is its own bootstrap unit
-        level.update({"n_groups": len(names), "pooling": e.aggregate_how})
-        result[f"{e.aggregate}_level"] = level
+        level.update({"n_groups": len(names), "pooling": cfg.aggregate_how})
+        result[f"{cfg.aggregate}_level"] = level
     return result
 
 
@@ -125,33 +126,27 @@ def _pool(probs: np.ndarray, targets: np.ndarray, groups: list[str], task: str, 
     try:
         pooled, pooled_t, names = aggregate_by_group(probs, t, groups, how=how)
     except ValueError as e:
-        raise ValueError(f"eval.aggregate={level}: {e}; {level}-level metrics need one label per {level} "
+        raise ConfigError(f"eval.aggregate={level}: {e}; {level}-level metrics need one label per {level} "
                          "(or a binary or multilabel task)") from e
     return pooled, (pooled_t[:, 1] if binary else pooled_t), names
 
 
-def load_run_model(run: Path, cfg: RunConfig, use_ema: bool | None = None) -> torch.nn.Module:
-    """The model of a finished run (``RUN/model.pt``): its EMA weights when present and wanted."""
-    from medscale.models import create_model
-
-    ckpt_path = run / "model.pt"
-    if not ckpt_path.exists():
-        raise FileNotFoundError(f"{ckpt_path} not found; `medscale train` writes it at the end of a run")
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    use_ema = cfg.eval.use_ema if use_ema is None else use_ema
-    key = "model_ema" if use_ema and "model_ema" in saved else "model"
-    model = create_model(cfg.model, img_size=cfg.data.image_size, in_chans=cfg.data.channels)
-    model.load_state_dict(saved[key])
-    log.info("evaluating %s weights of %s", "EMA" if key == "model_ema" else "trained", ckpt_path)
-    return model
+def save_result(result: dict[str, Any], path: Path) -> Path:
+    """Write an evaluation result as JSON (atomically: a reader never sees half a file)."""
+    atomic_write(path, json.dumps(result, indent=1))
+    return path
 
 
 def run_eval(run: str | Path, overrides: list[str] | tuple[str, ...] = (), split: str | None = None,
-             output: str | Path | None = None) -> dict[str, Any]:
+             output: str | Path | None = None) -> tuple[dict[str, Any], Path | None]:
     """`medscale eval`: evaluate a finished run on a split, on every rank of the launcher (or one).
 
-    Writes ``RUN/eval_<split>.json`` (or `output`) on rank 0 and returns the metrics.
+    The model comes from the run's weights and their preprocessing record (`medscale.checkpoint.weights`);
+    the shards and evaluation options from the run's config with `overrides`. Writes
+    ``RUN/eval_<split>.json`` (or `output`) on rank 0; returns the metrics and that path (None on
+    other ranks).
     """
+    from medscale.checkpoint.weights import load_run_model
     from medscale.config import load_config
     from medscale.dist import init_distributed
 
@@ -159,15 +154,11 @@ def run_eval(run: str | Path, overrides: list[str] | tuple[str, ...] = (), split
     cfg = load_config(RunConfig, run / "config.yaml", overrides)
     dist = init_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = load_run_model(run, cfg).to(device)
+    model, _ = load_run_model(run, use_ema=cfg.eval.use_ema)
+    model = model.to(device)
     split = split or cfg.data.test_split
     stream = ShardStream(cfg.data.shards, split, cfg.data, micro_batch=cfg.eval.micro_batch_size,
                          rank=dist.rank, world=dist.world, train=False, seed=cfg.train.seed)
-    result = evaluate(model, stream, cfg, torch.float32, device)
-    if dist.is_main:
-        out = Path(output or run / f"eval_{split}.json")
-        out.write_text(json.dumps(result, indent=1))
-        from medscale.report.console import print_eval
-
-        print_eval(result, title=f"{split} ({out})")
-    return result
+    result = evaluate(model, stream, cfg.eval, torch.float32, device, seed=cfg.train.seed)
+    path = save_result(result, Path(output or run / f"eval_{split}.json")) if dist.is_main else None
+    return result, path

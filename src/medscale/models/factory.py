@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from medscale.config import ModelConfig
+from medscale.errors import ConfigError, InputError, InputNotFound
 
 __all__ = ["create_model", "load_weights"]
 
@@ -27,7 +28,7 @@ def create_model(cfg: ModelConfig, *, img_size: int, in_chans: int) -> nn.Module
     """
     if not timm.is_model(cfg.name):
         close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:8]
-        raise ValueError(f"model.name={cfg.name!r} is not a timm model; similar: {close}")
+        raise ConfigError(f"model.name={cfg.name!r} is not a timm model; similar: {close}")
     kwargs: dict = {"num_classes": cfg.num_classes, "in_chans": in_chans}
     # img_size/patch_size/drop_path_rate exist only for some families; pass them only where taken.
     cls_params = _constructor_params(cfg.name)
@@ -35,18 +36,18 @@ def create_model(cfg: ModelConfig, *, img_size: int, in_chans: int) -> nn.Module
         kwargs["img_size"] = img_size
     if cfg.drop_path_rate:
         if "drop_path_rate" not in cls_params:
-            raise ValueError(f"model.drop_path_rate is set but {cfg.name} has no stochastic depth")
+            raise ConfigError(f"model.drop_path_rate is set but {cfg.name} has no stochastic depth")
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if cfg.patch_size:
         if "patch_size" not in cls_params:
-            raise ValueError(f"model.patch_size is set but {cfg.name} takes no patch_size")
+            raise ConfigError(f"model.patch_size is set but {cfg.name} takes no patch_size")
         kwargs["patch_size"] = cfg.patch_size
     model = timm.create_model(cfg.name, pretrained=False, **kwargs)
     if cfg.weights:
         load_weights(model, cfg.weights)
     if cfg.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
-            raise ValueError(f"model.grad_checkpointing is set but {cfg.name} does not support it")
+            raise ConfigError(f"model.grad_checkpointing is set but {cfg.name} does not support it")
         model.set_grad_checkpointing(True)
     return model
 
@@ -58,7 +59,10 @@ def _constructor_params(name: str) -> set[str]:
     params: set[str] = set()
     for obj in vars(mod).values():
         if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module:
-            params |= set(inspect.signature(obj.__init__).parameters)
+            # A subclass that forwards **kwargs (deit's VisionTransformerDistilled) takes its bases' arguments.
+            for cls in obj.__mro__:
+                if issubclass(cls, nn.Module) and cls is not nn.Module:
+                    params |= set(inspect.signature(cls.__init__).parameters)
     return params
 
 
@@ -72,12 +76,12 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     head of another shape (number of classes) is left freshly initialised.
 
     Raises:
-        FileNotFoundError: the file does not exist (weights are never downloaded).
-        ValueError: weights other than the head are missing or do not fit.
+        InputNotFound: the file does not exist (weights are never downloaded).
+        InputError: weights other than the head are missing or do not fit.
     """
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"model.weights file {p} does not exist (weights are never downloaded)")
+        raise InputNotFound(f"model.weights file {p} does not exist (weights are never downloaded)")
     state = _read_state(p)
     own = model.state_dict()
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
@@ -96,7 +100,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     head = _head_prefixes(model)
     bad = [k for k in missing if not k.startswith(head)]
     if bad:
-        raise ValueError(f"weights {p} do not fit {type(model).__name__}: missing or mis-shaped {bad[:5]}")
+        raise InputError(f"weights {p} do not fit {type(model).__name__}: missing or mis-shaped {bad[:5]}")
 
 
 def _read_state(p: Path) -> dict[str, torch.Tensor]:
@@ -111,7 +115,7 @@ def _read_state(p: Path) -> dict[str, torch.Tensor]:
                 state = state[k]
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights {p} hold no state dict of tensors")
+        raise InputError(f"weights {p} hold no state dict of tensors")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return dict(state)

@@ -1,13 +1,21 @@
 """Exponential moving average of the weights, under every ZeRO stage including ZeRO-3.
 
-Each rank averages the weights it holds: the whole model under ZeRO-0/1/2 (where every rank has
-all parameters), and under ZeRO-3 only its own partition of each parameter (``param.ds_tensor``),
-so the EMA costs 4 bytes per parameter divided by the number of ranks. The average is kept in
-fp32 and updated from the working weights after each applied optimizer step.
+Each rank averages the weights it holds, in fp32, and with 16-bit training the fp32 *master*
+weights, never their 16-bit rounding:
+
+- fp32 training: the module's parameters (they are the master copy); under ZeRO-3 this rank's
+  partition of each (``param.ds_tensor``).
+- bf16/fp16 with ZeRO-1/2 (and DeepSpeed's bf16 optimizer): this rank's fragment of the fp32
+  master copy the optimizer updates (the ``hp_fragment`` DeepSpeed links to each parameter, a
+  view: no copy per step). Each rank averages only its slice, so the EMA costs 4 bytes per
+  parameter divided by the number of ranks.
+- bf16/fp16 with ZeRO-3: this rank's partition of the fp32 master (DeepSpeed's public
+  ``safe_get_local_fp32_param``, also a view).
 
 Checkpoints hold the consolidated EMA (gathered once, on every rank), so it does not depend on the
 number of ranks: `load_state_dict` takes each rank's slice again. For evaluation, `applied()`
-swaps the EMA into the live model and restores the trained weights afterwards.
+swaps the EMA into the live model and restores the trained weights afterwards (the optimizer's
+master copy is never touched).
 """
 
 from __future__ import annotations
@@ -27,8 +35,26 @@ def _zero3(p: nn.Parameter) -> bool:
 
 
 def _local(p: nn.Parameter) -> torch.Tensor:
-    """The part of `p` this rank owns: its ZeRO-3 partition (flat) or the whole tensor."""
+    """The part of `p` this rank holds in the live model: its ZeRO-3 partition (flat) or the whole tensor."""
     return p.ds_tensor if _zero3(p) else p.data
+
+
+def _master(p: nn.Parameter) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """What this rank averages for `p`: an fp32 tensor, and where it sits in the flattened parameter
+    when it is only a fragment of it (ZeRO-1/2 master weights), else None."""
+    live = _local(p)
+    if live.dtype == torch.float32:
+        return live, None
+    if _zero3(p):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        master = safe_get_local_fp32_param(p)
+        return (master, None) if master is not None and master.shape == live.shape else (live, None)
+    mapping = getattr(p, "_hp_mapping", None)  # set by DeepSpeed's link_hp_params for ZeRO-1/2 and bf16
+    if mapping is None:
+        return live.new_empty(0, dtype=torch.float32), (0, 0)  # no slice of this parameter on this rank
+    address = mapping.lp_fragment_address
+    return mapping.hp_fragment.view(-1), (int(address.start), int(address.numel))
 
 
 class ModelEma:
@@ -47,22 +73,22 @@ class ModelEma:
         self.module: nn.Module = getattr(model, "module", model)
         self.decay = decay
         self.named = [(n, p) for n, p in self.module.named_parameters()]
-        self.shadow = [_local(p).detach().float().clone() for _, p in self.named]
+        masters = [_master(p) for _, p in self.named]
+        self.slices = [where for _, where in masters]  # None: the whole local tensor
+        self.shadow = [m.detach().float().clone() for m, _ in masters]
         self.updates = 0
 
     @torch.no_grad()
     def reset(self) -> None:
         """Restart the average from the current weights."""
         for (_, p), s in zip(self.named, self.shadow):
-            s.copy_(_local(p))
+            s.copy_(_master(p)[0])
         self.updates = 0
 
     @torch.no_grad()
     def update(self) -> None:
         """Move the average towards the current weights: ema = decay * ema + (1 - decay) * w."""
-        current = [_local(p) for _, p in self.named]
-        if any(t.dtype != torch.float32 for t in current):
-            current = [t.float() for t in current]
+        current = [_master(p)[0] for _, p in self.named]  # views: no copy
         torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
         self.updates += 1
 
@@ -70,9 +96,15 @@ class ModelEma:
 
     @torch.no_grad()
     def _full(self, i: int) -> torch.Tensor:
-        """Parameter i's EMA as a whole tensor (a collective under ZeRO-3: call on every rank)."""
+        """Parameter i's EMA as a whole tensor (a collective under ZeRO-3 and for ZeRO-1/2 fragments: call on every rank)."""
         _, p = self.named[i]
         local = self.shadow[i]
+        if self.slices[i] is not None:  # a ZeRO-1/2 fragment: every rank adds its slice into zeros
+            start, numel = self.slices[i]
+            full = torch.zeros(p.numel(), dtype=torch.float32, device=_comm_device())
+            full[start:start + numel] = local
+            torch_dist.all_reduce(full)
+            return full.view(p.shape).to(local.device)
         if not _zero3(p):
             return local
         group = getattr(p, "ds_process_group", None)
@@ -85,7 +117,7 @@ class ModelEma:
     def state_dict(self) -> dict[str, Any]:
         """``{"decay", "updates", "params": {name: fp32 tensor on CPU}}``, whole tensors, on every rank.
 
-        Under ZeRO-3 this gathers one parameter at a time: every rank must call it.
+        This gathers one parameter at a time under ZeRO (fragments, partitions): every rank must call it.
         """
         params = {n: self._full(i).detach().cpu().clone() for i, (n, _) in enumerate(self.named)}
         return {"decay": self.decay, "updates": self.updates, "params": params}
@@ -99,6 +131,12 @@ class ModelEma:
             raise ValueError(f"EMA state lacks parameters {missing[:5]} (of {len(missing)})")
         for i, (n, p) in enumerate(self.named):
             full = params[n].float()
+            if tuple(full.shape) != _shape(p):
+                raise ValueError(f"EMA of {n} has shape {tuple(params[n].shape)}, the model {_shape(p)}")
+            if self.slices[i] is not None:
+                start, numel = self.slices[i]
+                self.shadow[i].copy_(full.flatten()[start:start + numel])
+                continue
             if _zero3(p):
                 group = getattr(p, "ds_process_group", None)
                 rank = torch_dist.get_rank(group=group)
@@ -106,8 +144,6 @@ class ModelEma:
                 flat = torch.zeros(size * torch_dist.get_world_size(group=group))
                 flat[: full.numel()] = full.flatten()
                 full = flat[rank * size:(rank + 1) * size]
-            if full.shape != self.shadow[i].shape:
-                raise ValueError(f"EMA of {n} has shape {tuple(params[n].shape)}, the model {tuple(p.shape)}")
             self.shadow[i].copy_(full)
         self.updates = int(state.get("updates", 0))
 
@@ -125,7 +161,9 @@ class ModelEma:
     def applied(self) -> Iterator[None]:
         """Within the block the model computes with the EMA weights (every rank must enter it)."""
         backup = [_local(p).detach().clone() for _, p in self.named]
-        self._write(self.shadow)
+        # A fragment is gathered into the whole tensor the live model holds (a collective).
+        self._write([self._full(i) if where is not None else s
+                     for i, (s, where) in enumerate(zip(self.shadow, self.slices))])
         try:
             yield
         finally:
@@ -144,6 +182,10 @@ class ModelEma:
             _local(p).copy_(v)
         if zero3 and hasattr(optimizer, "checkpoint_event_epilogue"):
             optimizer.checkpoint_event_epilogue()
+
+
+def _shape(p: nn.Parameter) -> tuple[int, ...]:
+    return tuple(p.ds_shape) if _zero3(p) else tuple(p.shape)
 
 
 def _comm_device() -> torch.device:

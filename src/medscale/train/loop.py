@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 from pathlib import Path
@@ -13,21 +12,30 @@ import numpy as np
 import torch
 
 from medscale.checkpoint.checkpointer import Checkpointer, TrainState
-from medscale.config import ConfigError, RunConfig, save_config, to_dict
-from medscale.data.loader import ShardStream, load_manifest, make_loader
+from medscale.checkpoint.weights import preprocess_record, save_weights
+from medscale.config import RunConfig, save_config, to_dict
+from medscale.data.loader import ShardStream, make_loader
 from medscale.dist import DistInfo, barrier, init_distributed
+from medscale.eval.evaluate import save_result
+from medscale.formats.manifest import load_manifest
 from medscale.train.ema import ModelEma
 from medscale.train.engine import build_engine, input_dtype
 from medscale.train.numerics import NumericsGuard
-from medscale.eval.evaluate import evaluate
-from medscale.train.losses import ClassificationLoss, build_loss
-from medscale.models import create_model
+from medscale.train.tasks import Task, build_task
 from medscale.train.throughput import Throughput, device_peak_tflops, flops_per_sample
 from medscale.train.tracking import Tracker, setup_logging
 
-__all__ = ["train", "train_step", "MicroStep", "save_model", "seed_everything"]
+__all__ = ["run", "train", "train_step", "MicroStep", "seed_everything", "EXIT_DONE"]
 
 log = logging.getLogger("medscale.train")
+
+EXIT_DONE = 0  # the run trained all its steps and evaluated
+
+
+def run(cfg: RunConfig) -> int:
+    """`medscale train` on this rank: train, then return the process's exit code."""
+    train(cfg)
+    return EXIT_DONE
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -38,17 +46,19 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     seed_everything(cfg.train.seed)  # same initial weights on every rank
 
     manifest = load_manifest(cfg.data.shards)
-    _check_against_manifest(cfg, manifest)
-    model = create_model(cfg.model, img_size=cfg.data.image_size, in_chans=cfg.data.channels)
+    task = build_task(cfg, manifest)  # checks the shards against the objective before any work
+    model = task.build_model()
     flops = flops_per_sample(cfg.model, in_chans=cfg.data.channels, img_size=cfg.data.image_size)
     engine = build_engine(model, cfg, dist.world)
     ema = ModelEma(engine, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    loss_fn = build_loss(cfg.train, manifest, cfg.data.train_split)
     guard = NumericsGuard(engine, cfg.train, dist.world)
-    stream = _stream(cfg, manifest, cfg.data.train_split, dist, train=True)
-    checkpointer = Checkpointer(cfg, run_dir, dist)
-    state = checkpointer.resume(engine, stream, ema)  # a fresh state when there is no complete checkpoint
-    tracker = Tracker(cfg, run_dir, dist.is_main)
+    stream = _stream(cfg, manifest, cfg.data.train_split, dist, task, train=True)
+    state = TrainState()
+    tracker = Tracker(cfg.logging, run_dir, dist.is_main, to_dict(cfg))
+    parts = {"train": state, "loader": stream, "ema": ema, "tracker": tracker}  # everything a resume needs
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, dist, last_step=cfg.train.steps, config=to_dict(cfg))
+    checkpointer.resume(engine, parts)  # leaves everything as it is when there is no complete checkpoint
+    tracker.start()
     meter = Throughput(cfg.train.micro_batch_size * dist.world, flops,
                        device_peak_tflops(cfg.train.precision, cfg.train.peak_tflops), dist.world)
     log.info("training %s on %d samples, %d ranks, %d batches/epoch, steps %d..%d", cfg.model.name,
@@ -58,7 +68,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     while state.step < cfg.train.steps:
         stream.set_epoch(state.epoch)
         for batch in meter.batches(make_loader(stream)):
-            out = train_step(engine, batch, loss_fn, guard)
+            out = train_step(engine, batch, task, guard)
             if out.loss is not None:
                 losses.append(out.loss)
             if not out.stepped:
@@ -69,18 +79,18 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
                 _log_step(tracker, engine, state, losses, meter, guard, stream, cfg)
             if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
-                _evaluate(engine, ema, cfg, manifest, dist, cfg.data.eval_split, tracker, state.step)
+                _evaluate(task, engine, ema, cfg, manifest, dist, cfg.data.eval_split, tracker, state.step)
             if checkpointer.due(state.step):
-                checkpointer.save(engine, state, stream, ema)
+                checkpointer.save(engine, state.step, parts)
             if state.step >= cfg.train.steps:
                 break
         else:
             state.epoch += 1  # the epoch ran out (not a break at the last step)
 
-    save_model(engine, ema, cfg, run_dir, dist)
-    result = _evaluate(engine, ema, cfg, manifest, dist, cfg.data.test_split, tracker, state.step)
+    save_weights(engine, ema, cfg, preprocess_record(cfg, task.class_names), run_dir, dist)
+    result = _evaluate(task, engine, ema, cfg, manifest, dist, cfg.data.test_split, tracker, state.step)
     if dist.is_main:
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        save_result(result, run_dir / "eval.json")
     tracker.summary({f"test/{k}": v for k, v in result.items()})
     tracker.close()
     barrier()
@@ -96,16 +106,23 @@ class MicroStep(NamedTuple):
     """An optimizer step (accumulation boundary) was reached."""
 
 
-def train_step(engine: Any, batch: dict[str, Any], loss_fn: ClassificationLoss, guard: NumericsGuard) -> MicroStep:
+def train_step(engine: Any, batch: dict[str, Any], task: Task, guard: NumericsGuard) -> MicroStep:
     """One micro-batch forward/backward, and the optimizer step at accumulation boundaries."""
-    device = engine.device
-    logits = engine(batch["image"].to(device=device, dtype=input_dtype(engine), non_blocking=True))
-    loss = loss_fn(logits, batch["target"].to(device), batch["valid"].to(device))
+    loss = task.loss(engine, _to_device(batch, engine.device, input_dtype(engine)))
     value = guard.check_loss(loss)  # the same decision on every rank
     if value is None:
         return MicroStep(None, False)  # skipped everywhere: no backward, so no collective is left half-done
     engine.backward(loss)
     return MicroStep(value, guard.optimizer_step())
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors of the batch on the model's device; the image in the model's input dtype."""
+    out = dict(batch)
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device=device, dtype=dtype if k == "image" else None, non_blocking=True)
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -123,21 +140,11 @@ def _prepare_run_dir(cfg: RunConfig, dist: DistInfo) -> Path:
     return run_dir
 
 
-def _check_against_manifest(cfg: RunConfig, manifest: dict[str, Any]) -> None:
-    """The run config and the shards must agree on the task and the number of classes."""
-    task = manifest.get("task", "multiclass")
-    if task != cfg.train.task:
-        raise ConfigError(f"train.task={cfg.train.task} but the manifest of {cfg.data.shards} says task {task}")
-    classes = manifest.get("classes") or []
-    if classes and len(classes) != cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the manifest of {cfg.data.shards} lists "
-                          f"{len(classes)} classes {classes[:10]}")
-
-
-def _stream(cfg: RunConfig, manifest: dict[str, Any], split: str, dist: DistInfo, train: bool) -> ShardStream:
+def _stream(cfg: RunConfig, manifest: dict[str, Any], split: str, dist: DistInfo, task: Task,
+            train: bool) -> ShardStream:
     mb = cfg.train.micro_batch_size if train else cfg.eval.micro_batch_size
     return ShardStream(cfg.data.shards, split, cfg.data, micro_batch=mb, rank=dist.rank, world=dist.world,
-                       train=train, seed=cfg.train.seed, manifest=manifest)
+                       train=train, seed=cfg.train.seed, manifest=manifest, labels=task.needs_labels)
 
 
 def _log_step(tracker: Tracker, engine: Any, state: TrainState, losses: list[float], meter: Throughput,
@@ -147,9 +154,8 @@ def _log_step(tracker: Tracker, engine: Any, state: TrainState, losses: list[flo
     grad_norm = engine.get_global_grad_norm()
     values: dict[str, Any] = {"loss": loss, "lr": engine.get_lr()[0], "epoch": state.epoch,
                               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                              "corrupt_samples": stream.stats()["corrupt_samples"],
                               **meter.report(), **guard.figures()}
-    if hasattr(stream, "stats"):
-        values["corrupt_samples"] = stream.stats()["corrupt_samples"]
     tracker.log(state.step, values, prefix="train/")
     mfu = f"{values['mfu']:.1%}" if values["mfu"] is not None else "-"
     fp16 = f"  loss scale {values['loss_scale']} ({values['overflow_steps']} overflow steps)" if guard.fp16 else ""
@@ -158,34 +164,14 @@ def _log_step(tracker: Tracker, engine: Any, state: TrainState, losses: list[flo
              100 * values["data_wait_frac"], values["peak_mem_gb"], fp16)
 
 
-def _evaluate(engine: Any, ema: ModelEma | None, cfg: RunConfig, manifest: dict[str, Any], dist: DistInfo,
-              split: str, tracker: Tracker, step: int) -> dict[str, Any]:
-    stream = _stream(cfg, manifest, split, dist, train=False)
+def _evaluate(task: Task, engine: Any, ema: ModelEma | None, cfg: RunConfig, manifest: dict[str, Any],
+              dist: DistInfo, split: str, tracker: Tracker, step: int) -> dict[str, Any]:
+    stream = _stream(cfg, manifest, split, dist, task, train=False)
     use_ema = ema is not None and cfg.eval.use_ema
     with ema.applied() if use_ema else contextlib.nullcontext():  # type: ignore[union-attr]
-        result = evaluate(engine, stream, cfg, input_dtype(engine), engine.device)
+        result = task.evaluate(engine, stream, input_dtype(engine), engine.device)
     result["weights"] = "ema" if use_ema else "trained"
     level = result.get(f"{cfg.eval.aggregate}_level", {})
     tracker.log(step, {**result, **{f"{cfg.eval.aggregate}_level/{k}": v for k, v in level.items()}},
                 prefix=f"{split}/")
-    log.info("eval %s at step %d (%s weights): auroc %s  accuracy %.4f  n=%d", split, step, result["weights"],
-             result.get("auroc"), result["accuracy"], result["n_samples"])
     return result
-
-
-def save_model(engine: Any, ema: ModelEma | None, cfg: RunConfig, run_dir: Path, dist: DistInfo) -> None:
-    """Write consolidated weights (``model.pt``: ``model``, ``model_ema`` if any, ``config``).
-
-    Called on every rank: under ZeRO-3 gathering the full weights is a collective.
-    """
-    if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # None on ranks other than 0
-    else:
-        state = engine.module.state_dict()
-    ema_state = ema.model_state_dict(state or {}) if ema is not None else None
-    if dist.is_main:
-        out = {"model": {k: v.detach().float().cpu() for k, v in state.items()}, "config": to_dict(cfg)}
-        if ema_state is not None:
-            out["model_ema"] = {k: v.detach().float().cpu() for k, v in ema_state.items()}
-        torch.save(out, run_dir / "model.pt")
-    barrier()
