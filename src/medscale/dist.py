@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from medscale.config import RunConfig
 
 __all__ = ["DistInfo", "relaunch", "launched", "env_from_slurm", "first_host", "init_distributed", "barrier",
-           "all_gather_objects", "cpu_group", "shutdown"]
+           "all_gather_objects", "cpu_group", "shutdown", "free_port"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
+        os.environ["MASTER_PORT"] = str(free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
     local = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local % torch.cuda.device_count())  # before NCCL binds a device
@@ -111,7 +111,8 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), local)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (for a rendezvous started right after)."""
     import socket
 
     with socket.socket() as s:

@@ -11,11 +11,12 @@ all pass about 3% of the time).
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from medscale.dist import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -57,16 +58,11 @@ def _rank(rank: int, port: int) -> None:
     assert not dist.is_initialized()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_finished_ranks_exit_cleanly():
     failures = []
     for launch in range(LAUNCHES):
-        port = _free_port()
+        port = free_port()
         procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port)], stderr=subprocess.PIPE, text=True)
                  for r in range(2)]
         for r, p in enumerate(procs):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medscale.dist import free_port
 from conftest import write_shards
 
 pytestmark = pytest.mark.integration
@@ -26,11 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STEPS = 4
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +82,7 @@ def reference_losses(job):
     """The run under torchrun; every other 2-rank launcher must reproduce its losses exactly."""
     tmp, config = job
     out = tmp / "torchrun"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "medscale.cli",
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "medscale.cli",
            *_train_args(config, out)]
     return _check(_run(cmd, _env()), out, world=2)
 
@@ -100,7 +95,7 @@ def test_deepspeed_launcher(job, reference_losses):
     """`deepspeed --num_gpus 2 --no_local_rank --module medscale.cli train ...` on this node."""
     tmp, config = job
     out = tmp / "deepspeed"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--no_local_rank", "--module", "medscale.cli", *_train_args(config, out)]
     assert _check(_run(cmd, _env()), out, world=2) == reference_losses
 
@@ -111,7 +106,7 @@ def test_deepspeed_hostfile_nodes(job, reference_losses):
     tmp, config = job
     out = tmp / "hostfile"
     world_info = base64.urlsafe_b64encode(json.dumps({"node-a": [0], "node-b": [0]}).encode()).decode()
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
                                f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}",
                                "--no_local_rank", "--module", "medscale.cli", *_train_args(config, out)],
@@ -131,7 +126,7 @@ def test_srun_environment(job, reference_losses):
     for task in range(2):
         env = _env(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_PROCID=str(task), SLURM_LOCALID=str(task),
                    SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="localhost",
-                   SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(_free_port()) if task == 0 else "")
+                   SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()) if task == 0 else "")
         procs.append(env)
     procs[1]["MASTER_PORT"] = procs[0]["MASTER_PORT"]  # the sbatch script exports one port for the job
     running = [subprocess.Popen([sys.executable, "-m", "medscale.cli", *_train_args(config, out)], cwd=ROOT, env=env,

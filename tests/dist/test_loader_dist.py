@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from medscale.dist import free_port
+
 pytestmark = pytest.mark.integration
 
 MB = 3
 WORKERS = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(workers: int):
@@ -88,7 +84,7 @@ def _rank_main(a: dict) -> None:
 
 
 def _launch(tmp: Path, tag: str, world: int, root: Path, passes: list[dict]) -> list[tuple[subprocess.Popen, Path]]:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = []
     for rank in range(world):
