@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,3 +53,33 @@ def shard_factory(tmp_path):
         return write_shards(tmp_path / "shards", sizes, **kw), tmp_path / "shards"
 
     return make
+
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(drop_prefixes: tuple[str, ...] = ("SLURM_",), **extra: str) -> dict[str, str]:
+    """This process's environment for a child run: no launcher or Slurm variables leaking in from
+    outside, one thread per process (2 cores), unbuffered output; plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop_prefixes) and k not in LAUNCHER_VARIABLES}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def read_wandb_run(wandb_dir: Path) -> dict[str, Any]:
+    """The one offline run under `wandb_dir`, read with wandb's CLI: run id, config, history by step, summary."""
+    files = sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    cmd = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(files[0])]
+    records = [json.loads(line) for line in subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                                           timeout=60).stdout.splitlines() if line.strip()]
+    run = next(r["run"] for r in records if r["type"] == "run")
+    config = dict(run.get("config", {}).get("update", {}))
+    summary: dict[str, Any] = {}
+    for r in records:
+        if r["type"] == "config":
+            config.update(r["config"].get("update", {}))
+        if r["type"] == "summary":
+            summary.update(r["summary"].get("update", {}))
+    history = {int(r["history"]["step"]["num"]): r["history"]["item"] for r in records if r["type"] == "history"}
+    return {"id": run["run_id"], "project": run.get("project"), "name": run.get("display_name"),
+            "config": config, "history": history, "summary": summary}

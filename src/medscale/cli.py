@@ -7,7 +7,6 @@ bad value fails in a second with a message naming the key instead of minutes int
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -148,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--recipe", help="recipe YAML, or a packaged one such as data_prep/demo.yaml; "
                     "default: PrepConfig defaults")
     pp.add_argument("--workers", type=int, default=1, help="worker processes on this node (default 1)")
-    pp.add_argument("--key-file", help=f"pseudonym key file (or set the env var MEDSCALE_PSEUDONYM_KEY)")
+    pp.add_argument("--key-file", help="pseudonym key file (or set the env var MEDSCALE_PSEUDONYM_KEY)")
     pp.add_argument("--random-key", action="store_true", help="one-off random pseudonym key (pseudonyms will not match other runs)")
     pp.add_argument("--resume", action="store_true", help="continue an interrupted prep in --out")
     pp.add_argument("--overwrite", action="store_true", help="delete --out and start again")

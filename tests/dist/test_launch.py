@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from medscale.dist import free_port
-from conftest import write_shards
+from conftest import subprocess_env, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +45,6 @@ def job(tmp_path_factory):
     path.write_text(yaml.safe_dump(config))
     return tmp, path
 
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 def _train_args(config: Path, out: Path) -> list[str]:
@@ -84,7 +77,7 @@ def reference_losses(job):
     out = tmp / "torchrun"
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "medscale.cli",
            *_train_args(config, out)]
-    return _check(_run(cmd, _env()), out, world=2)
+    return _check(_run(cmd, subprocess_env()), out, world=2)
 
 
 def test_torchrun(reference_losses):
@@ -97,7 +90,7 @@ def test_deepspeed_launcher(job, reference_losses):
     out = tmp / "deepspeed"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--no_local_rank", "--module", "medscale.cli", *_train_args(config, out)]
-    assert _check(_run(cmd, _env()), out, world=2) == reference_losses
+    assert _check(_run(cmd, subprocess_env()), out, world=2) == reference_losses
 
 
 def test_deepspeed_hostfile_nodes(job, reference_losses):
@@ -110,7 +103,7 @@ def test_deepspeed_hostfile_nodes(job, reference_losses):
     nodes = [subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
                                f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}",
                                "--no_local_rank", "--module", "medscale.cli", *_train_args(config, out)],
-                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for n in range(2)]
     outs = [p.communicate(timeout=180) for p in nodes]
     assert nodes[1].returncode == 0, outs[1][1][-3000:]
@@ -124,7 +117,7 @@ def test_srun_environment(job, reference_losses):
     out = tmp / "srun"
     procs = []
     for task in range(2):
-        env = _env(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_PROCID=str(task), SLURM_LOCALID=str(task),
+        env = subprocess_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_PROCID=str(task), SLURM_LOCALID=str(task),
                    SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="localhost",
                    SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()) if task == 0 else "")
         procs.append(env)
@@ -141,7 +134,7 @@ def test_plain_process(job):
     """No launcher, one process: the same command with dist.nproc=1."""
     tmp, config = job
     out = tmp / "plain"
-    r = _run([sys.executable, "-m", "medscale.cli", *_train_args(config, out), "dist.nproc=1"], _env())
+    r = _run([sys.executable, "-m", "medscale.cli", *_train_args(config, out), "dist.nproc=1"], subprocess_env())
     assert "deepspeed.launcher" not in r.stdout
     losses = _check(r, out, world=1)
     assert all(0 < x < 5 for x in losses)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 import yaml
 
 from medscale.dist import free_port
-from conftest import write_shards
+from conftest import subprocess_env, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -25,11 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def _config(tmp: Path, shards: Path, **train) -> Path:
 def _train(config: Path, out: Path, *extra: str, launcher: list[str] | None = None) -> str:
     cmd = [*(launcher or [sys.executable, "-m"]), "medscale.cli", "train", "--config", str(config), f"out_dir={out}",
            *extra]
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     return r.stdout + r.stderr
 
@@ -107,7 +101,7 @@ def test_resume_continues_exactly(tmp_path, shards):
     # `medscale eval` on the finished run: the EMA weights, the same metrics as at the end of training
     out = tmp_path / "eval_test.json"
     code = (f"from medscale.eval.evaluate import run_eval; run_eval({str(whole)!r}, output={str(out)!r})")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads(out.read_text())
     assert again["auroc"] == pytest.approx(result["auroc"]) and again["n_samples"] == result["n_samples"]
@@ -169,7 +163,7 @@ except FloatingPointError as e:
 
 
 def test_nonfinite_loss_skips_micro_batch_then_stops(tmp_path):
-    r = subprocess.run([sys.executable, "-c", NONFINITE], cwd=ROOT, env=_env(), capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", NONFINITE], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "STOPPED: 2 non-finite losses in a row" in r.stdout

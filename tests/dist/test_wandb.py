@@ -7,17 +7,15 @@ W&B-enabled code must run in a test: wandb renames its API often (0.31 dropped `
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import yaml
 
-from conftest import write_shards
+from conftest import read_wandb_run, subprocess_env, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -26,31 +24,8 @@ STEPS = 3
 
 
 def _env(wandb_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "WANDB_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_DIR=str(wandb_dir),
-                WANDB_CONFIG_DIR=str(wandb_dir / "config"), WANDB_SILENT="true")
-
-
-def read_wandb_run(wandb_dir: Path) -> dict[str, Any]:
-    """The one offline run under `wandb_dir`, read with wandb's CLI: run id, config, history by step, summary."""
-    files = sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(files) == 1, files
-    cmd = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(files[0])]
-    records = [json.loads(line) for line in subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                                           timeout=60).stdout.splitlines() if line.strip()]
-    run = next(r["run"] for r in records if r["type"] == "run")
-    config = dict(run.get("config", {}).get("update", {}))
-    summary: dict[str, Any] = {}
-    for r in records:
-        if r["type"] == "config":
-            config.update(r["config"].get("update", {}))
-        if r["type"] == "summary":
-            summary.update(r["summary"].get("update", {}))
-    history = {int(r["history"]["step"]["num"]): r["history"]["item"] for r in records if r["type"] == "history"}
-    return {"id": run["run_id"], "project": run.get("project"), "name": run.get("display_name"),
-            "config": config, "history": history, "summary": summary}
+    return subprocess_env(("SLURM_", "WANDB_"), WANDB_MODE="offline", WANDB_DIR=str(wandb_dir),
+                          WANDB_CONFIG_DIR=str(wandb_dir / "config"), WANDB_SILENT="true")
 
 
 def test_train_with_offline_wandb(tmp_path):

@@ -4,7 +4,6 @@ their preprocessing record; `medscale eval` builds its model from that record al
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_shards
+from conftest import subprocess_env, write_shards
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def _train(tmp: Path, shards: Path, stage: int) -> Path:
     }
     path = tmp / f"zero{stage}.yaml"
     path.write_text(yaml.safe_dump(config))
-    r = subprocess.run([sys.executable, "-m", "medscale.cli", "train", "--config", str(path)], cwd=tmp, env=_env(),
+    r = subprocess.run([sys.executable, "-m", "medscale.cli", "train", "--config", str(path)], cwd=tmp, env=subprocess_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     return out

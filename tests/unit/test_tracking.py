@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from conftest import read_wandb_run
 from medscale.config import LoggingConfig
 from medscale.train.tracking import Tracker
 
@@ -39,26 +37,6 @@ def offline(monkeypatch, tmp_path):
     import wandb
 
     wandb.teardown()  # wandb reads its environment once per process: the next test's settings must count
-
-
-def read_wandb_run(wandb_dir: Path) -> dict[str, Any]:
-    """The one offline run under `wandb_dir`, read with wandb's CLI: run id, config, history by step, summary."""
-    files = sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(files) == 1, files
-    cmd = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(files[0])]
-    records = [json.loads(line) for line in subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                                           timeout=60).stdout.splitlines() if line.strip()]
-    run = next(r["run"] for r in records if r["type"] == "run")
-    config = dict(run.get("config", {}).get("update", {}))
-    summary: dict[str, Any] = {}
-    for r in records:
-        if r["type"] == "config":
-            config.update(r["config"].get("update", {}))
-        if r["type"] == "summary":
-            summary.update(r["summary"].get("update", {}))
-    history = {int(r["history"]["step"]["num"]): r["history"]["item"] for r in records if r["type"] == "history"}
-    return {"id": run["run_id"], "project": run.get("project"), "name": run.get("display_name"),
-            "config": config, "history": history, "summary": summary}
 
 
 def test_tracker_writes_an_offline_run_and_metrics_jsonl(offline, tmp_path):
