@@ -1,4 +1,4 @@
-"""The `medscale` command: prep, train, eval, inspect, demo.
+"""The `medscale` command: prep, train, eval, export, inspect, demo.
 
 Configs are resolved and checked here, before any worker or rank is started, so a typo or a
 bad value fails in a second with a message naming the key instead of minutes into a job.
@@ -108,6 +108,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from medscale.checkpoint.export import ONNX_TOLERANCE, OnnxParityError, export_run
+
+    try:
+        r = export_run(args.run, args.out, checkpoint=args.checkpoint, use_ema=args.ema, onnx=args.onnx)
+    except OnnxParityError as e:  # not the user's input, yet one line says it all
+        print(f"medscale export: error: {e}", file=sys.stderr)
+        return 1
+    origin = f"checkpoint {r.source['checkpoint']}" if r.source["checkpoint"] else r.source["file"]
+    print(f"{r.weights}: {r.tensors} tensors, {r.bytes / 1e6:.1f} MB, {r.source['weights']} weights of {origin}")
+    print(f"{r.config}: timm architecture, arguments and preprocessing")
+    if r.onnx is not None:
+        print(f"{r.onnx}: max |onnxruntime - torch| = {r.onnx_max_abs_diff:.3g} (tolerance {ONNX_TOLERANCE:g})")
+    for note in r.notes:
+        print(note)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # inspect / demo
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("train", help="train a timm model with DeepSpeed on prepped shards",
                         description="Train with DeepSpeed. Outside a launcher, dist.nproc>1 starts the deepspeed "
-                        "launcher on this node; under deepspeed, torchrun or srun it joins the existing ranks.")
+                        "launcher on this node; under deepspeed, torchrun or srun it joins the existing ranks. The "
+                        "newest complete checkpoint in out_dir is resumed (checkpoint.resume).",
+                        epilog="SIGUSR1, SIGUSR2, SIGTERM or SIGINT stop the run cleanly: all ranks save one checkpoint "
+                        "at the next step, RUN_DIR/stopped.json says where, and the exit code is 75 (EX_TEMPFAIL: run "
+                        "the same command again to continue). Exit codes: 0 done, 75 stopped by a signal, 2 a "
+                        "configuration or input error, 1 anything else. See the README for signals under each "
+                        "launcher.")
     pt.add_argument("--config", required=True, help="run config YAML, or a packaged one such as configs/demo.yaml")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
     pt.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # some launchers pass it
@@ -174,6 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. eval.bootstrap=1000")
     pe.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # some launchers pass it
     pe.set_defaults(func=cmd_eval)
+
+    px = sub.add_parser("export", help="a run's weights as model.safetensors + config.json for plain timm (and ONNX)",
+                        description="Write DIR/model.safetensors and DIR/config.json (timm architecture, arguments, "
+                        "input size, preprocessing). Default: RUN/model.pt's EMA weights when the run has them; "
+                        "--checkpoint consolidates the fp32 weights of RUN/checkpoints/TAG instead.")
+    px.add_argument("run", metavar="RUN_DIR", help="run directory written by medscale train")
+    px.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    px.add_argument("--checkpoint", metavar="TAG", help="a checkpoint under RUN_DIR/checkpoints (or 'latest')")
+    px.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                    help="the EMA weights (default when the run kept an EMA) or, with --no-ema, the trained ones")
+    px.add_argument("--onnx", action="store_true",
+                    help="also write model.onnx (dynamic batch) and check it with ONNX Runtime (tolerance 1e-4)")
+    px.set_defaults(func=cmd_export)
 
     pi = sub.add_parser("inspect", help="summarise shards, verify checksums, dump sample PNGs",
                         description="Print the manifest summary of a prep output; --verify checks every shard's "

@@ -233,12 +233,21 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Where and how often to save."""
+    """Where and how often to save. A stop signal (SIGUSR1/USR2/TERM/INT) also saves, then exits 75."""
 
     every_steps: int = 0
-    """Save every N steps (0: only at the end)."""
+    """Save every N steps (0: only at the end and on a stop signal)."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes have passed since the last save (0: off); all ranks decide
+    together at a step boundary."""
     keep: int = 2
     """Most recent complete checkpoints to keep."""
+    keep_best: str = ""
+    """Also keep the checkpoint with the best value of this metric of the eval split (e.g. "auroc";
+    checkpoints are scored when an evaluation ran at their step, so align eval.every_steps with
+    every_steps); "" keeps only the newest."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether the best keep_best value is the largest or the smallest."""
     resume: bool = True
     """Continue from the newest complete checkpoint in out_dir/checkpoints when there is one."""
 
@@ -303,6 +312,11 @@ class RunConfig:
         for key in ("max_nonfinite", "max_overflow_steps", "log_every"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+        if self.checkpoint.every_minutes < 0:
+            raise ConfigError(f"checkpoint.every_minutes must be >= 0, got {self.checkpoint.every_minutes}")
+        if self.checkpoint.keep_best and not self.eval.every_steps:
+            raise ConfigError(f"checkpoint.keep_best={self.checkpoint.keep_best!r} ranks checkpoints by evaluations "
+                              "during training: set eval.every_steps (a multiple of checkpoint.every_steps)")
         if self.eval.threshold is not None and self.eval.at_specificity:
             raise ConfigError(f"eval.threshold={self.eval.threshold} and eval.at_specificity="
                               f"{self.eval.at_specificity} both set an operating point; set one")

@@ -193,4 +193,32 @@ def relaunch(cfg: "RunConfig", command: list[str]) -> int:
            "--master_port", str(cfg.dist.master_port), "--no_local_rank", "--module", "medscale.cli",
            *command, "--config", str(resolved)]
     print("launching:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    from medscale.train.preemption import relay_signals
+
+    # The launchers get a process group of their own with USR1/USR2 ignored (the ranks install their
+    # own handlers): any stop signal this process gets is relayed to that group as SIGUSR1, which
+    # the ranks turn into a clean stop while the launchers wait for them and pass their exit code on.
+    child = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_ignore_user_signals)
+    restore = relay_signals(child)
+    try:
+        return child.wait()
+    finally:
+        restore()
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _ignore_user_signals() -> None:
+    """In the launcher's process, before exec: USR1/USR2 ignored (inherited by the launchers; the
+    deepspeed launcher has no handler for them and would die of them), and SIGTERM when this process
+    dies (killed with SIGKILL, say), so the launcher in its own session is never left running."""
+    import ctypes
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the launcher outlives a killed parent, as before

@@ -69,3 +69,19 @@ def test_no_checkpoint_or_resume_off_leaves_parts_alone(tmp_path):
     off = Checkpointer(CheckpointConfig(resume=False), tmp_path, DistInfo(0, 1, 0), last_step=5)
     assert off.resume(engine, {"train": state}) is None and state.step == 0
     assert ck.due(5) and not ck.due(3)
+
+
+def test_keep_best_keeps_the_best_scored_checkpoint_beside_the_newest(tmp_path):
+    engine = _Engine()
+    for mode, best in (("max", "step00000004"), ("min", "step00000002")):
+        root = tmp_path / mode
+        ck = Checkpointer(CheckpointConfig(keep=1, keep_best="auroc", best_mode=mode), root, DistInfo(0, 1, 0),
+                          last_step=10)
+        for step, score in ((2, 0.6), (4, 0.9), (6, None), (8, 0.7)):
+            ck.save(engine, step, {"train": TrainState(step=step)}, score=score)
+        assert ck.best().name == best
+        assert sorted(p.name for p in ck.root.glob("step*")) == sorted({best, "step00000008"})
+    plain = Checkpointer(CheckpointConfig(keep=1), tmp_path / "plain", DistInfo(0, 1, 0), last_step=10)
+    plain.save(engine, 2, {"train": TrainState(step=2)}, score=0.99)
+    plain.save(engine, 4, {"train": TrainState(step=4)}, score=0.1)
+    assert plain.best() is None and [p.name for p in plain.root.glob("step*")] == ["step00000004"]

@@ -1,2 +1,4 @@
-"""Checkpoints (complete or ignored, a dict of stateful parts) and the final weights of a run
-(fp32 master weights from DeepSpeed's checkpoint, with their preprocessing record)."""
+"""Checkpoints and what leaves a run: complete-or-ignored checkpoints of stateful parts
+(`checkpointer`), resuming them on another number of ranks (`universal`), loading nothing but
+tensors (`safety`), the final fp32 weights with their preprocessing record (`weights`), and
+`medscale export` to safetensors, config.json and ONNX (`export`)."""

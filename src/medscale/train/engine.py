@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -35,8 +35,17 @@ def _fill(ds: dict[str, Any], key: str, value: Any, source: str, path: str) -> N
         raise ConfigError(f"{path}: '{key}' is {have!r} but {source} gives {value!r}; set it to \"auto\" or make them agree")
 
 
-def resolve_ds_config(cfg: RunConfig, world: int, path: str | Path | None = None) -> dict[str, Any]:
+def resolve_ds_config(cfg: RunConfig, world: int, path: str | Path | None = None,
+                      overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read the DeepSpeed JSON and fill its "auto" values from the run config.
+
+    Args:
+        cfg: the run config.
+        world: number of ranks.
+        path: the DeepSpeed JSON (default: ``dist.deepspeed_config``).
+        overrides: what a resume changes (`medscale.checkpoint.checkpointer.ResumePlan.ds_overrides`):
+            ``gradient_accumulation_steps`` replaces train.grad_accum (the global batch follows),
+            any other entry is merged into the JSON.
 
     Raises:
         ConfigError: unreadable JSON, an optimizer/scheduler section, fp16 without a GPU, a value
@@ -54,10 +63,17 @@ def resolve_ds_config(cfg: RunConfig, world: int, path: str | Path | None = None
         if k in ds:
             raise ConfigError(f"{path}: remove the '{k}' section; medscale builds it from train.* (lr, weight_decay, warmup_steps)")
     t = cfg.train
+    overrides = dict(overrides or {})
+    accum = int(overrides.pop("gradient_accumulation_steps", t.grad_accum))
+    accum_source = f"train.grad_accum={t.grad_accum}"
+    if accum != t.grad_accum:
+        accum_source = f"the resume, which keeps the checkpoint's global batch ({accum_source} recomputed to {accum})"
+        log.info("gradient accumulation %d (train.grad_accum=%d recomputed by the resume): global batch %d", accum,
+                 t.grad_accum, t.micro_batch_size * accum * world)
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, f"train.micro_batch_size={t.micro_batch_size}", str(path))
-    _fill(ds, "gradient_accumulation_steps", t.grad_accum, f"train.grad_accum={t.grad_accum}", str(path))
-    _fill(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * world,
-          f"micro_batch_size x grad_accum x world ({t.micro_batch_size} x {t.grad_accum} x {world})", str(path))
+    _fill(ds, "gradient_accumulation_steps", accum, accum_source, str(path))
+    _fill(ds, "train_batch_size", t.micro_batch_size * accum * world,
+          f"micro_batch_size x grad_accum x world ({t.micro_batch_size} x {accum} x {world})", str(path))
     _fill(ds, "gradient_clipping", t.grad_clip, f"train.grad_clip={t.grad_clip}", str(path))
     for name in ("bf16", "fp16"):
         section = ds.setdefault(name, {})
@@ -68,9 +84,9 @@ def resolve_ds_config(cfg: RunConfig, world: int, path: str | Path | None = None
     stage = int(zero.get("stage", 0))
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if ds["bf16"]["enabled"]:
-        if stage == 0 and t.grad_accum > 1:
+        if stage == 0 and accum > 1:
             raise ConfigError(f"{path}: bf16 without ZeRO (stage 0) accumulates gradients in bf16, which diverges over "
-                              f"train.grad_accum={t.grad_accum} micro-batches; use ZeRO stage >= 1 (fp32 accumulation)")
+                              f"{accum} micro-batches ({accum_source}); use ZeRO stage >= 1 (fp32 accumulation)")
         if stage > 0:
             # Accumulate gradients in fp32: bf16 accumulation over many micro-batches diverges.
             ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
@@ -80,7 +96,17 @@ def resolve_ds_config(cfg: RunConfig, world: int, path: str | Path | None = None
     if not torch.cuda.is_available():
         # With a client optimizer on CPU, offload would otherwise insist on DeepSpeedCPUAdam.
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    _merge(ds, overrides)
     return ds
+
+
+def _merge(ds: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    """Merge `extra` into `ds`, section by section."""
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(ds.get(k), dict):
+            _merge(ds[k], v)
+        else:
+            ds[k] = dict(v) if isinstance(v, Mapping) else v
 
 
 def _check_lamb(ds: dict[str, Any], stage: int, offload: bool, world: int, path: str) -> None:
@@ -103,7 +129,8 @@ def input_dtype(engine: Any) -> torch.dtype:
     return torch.float32
 
 
-def build_engine(model: nn.Module, cfg: RunConfig, world: int, ds_config: dict[str, Any] | None = None) -> Any:
+def build_engine(model: nn.Module, cfg: RunConfig, world: int, ds_config: dict[str, Any] | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> Any:
     """Wrap `model` in a DeepSpeed engine with medscale's optimizer and schedule.
 
     Args:
@@ -111,12 +138,16 @@ def build_engine(model: nn.Module, cfg: RunConfig, world: int, ds_config: dict[s
         cfg: the run config.
         world: number of ranks.
         ds_config: an already resolved DeepSpeed config (default: `resolve_ds_config`).
+        overrides: what a resume changes in the DeepSpeed config (`ResumePlan.ds_overrides`); give
+            them to `resolve_ds_config` instead when passing `ds_config`.
     """
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
+    if ds_config is not None and overrides:
+        raise ValueError("pass the overrides to resolve_ds_config when giving build_engine a resolved ds_config")
     ds_logger.setLevel(logging.WARNING)
-    ds_config = ds_config or resolve_ds_config(cfg, world)
+    ds_config = ds_config or resolve_ds_config(cfg, world, overrides=overrides)
     optimizer = build_optimizer(model, cfg.train, ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model,

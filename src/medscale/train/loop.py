@@ -21,11 +21,12 @@ from medscale.formats.manifest import load_manifest
 from medscale.train.ema import ModelEma
 from medscale.train.engine import build_engine, input_dtype
 from medscale.train.numerics import NumericsGuard
+from medscale.train.preemption import EXIT_REQUEUE, STOPPED_FILE, StopRequest
 from medscale.train.tasks import Task, build_task
 from medscale.train.throughput import Throughput, device_peak_tflops, flops_per_sample
 from medscale.train.tracking import Tracker, setup_logging
 
-__all__ = ["run", "train", "train_step", "MicroStep", "seed_everything", "EXIT_DONE"]
+__all__ = ["run", "train", "train_step", "MicroStep", "seed_everything", "EXIT_DONE", "EXIT_REQUEUE"]
 
 log = logging.getLogger("medscale.train")
 
@@ -33,14 +34,17 @@ EXIT_DONE = 0  # the run trained all its steps and evaluated
 
 
 def run(cfg: RunConfig) -> int:
-    """`medscale train` on this rank: train, then return the process's exit code."""
-    train(cfg)
-    return EXIT_DONE
+    """`medscale train` on this rank: train, then return the process's exit code (EXIT_DONE, or
+    EXIT_REQUEUE after a stop signal: a checkpoint was saved, run the same command again)."""
+    return EXIT_DONE if train(cfg) is not None else EXIT_REQUEUE
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Train, evaluate on the held-out test split, write eval.json; returns the test metrics."""
+def train(cfg: RunConfig) -> dict[str, Any] | None:
+    """Train, evaluate on the held-out test split, write eval.json; returns the test metrics, or None
+    when a stop signal ended the run early (after every rank saved the same checkpoint)."""
+    stop = StopRequest(cfg.checkpoint.every_minutes).install()  # first: a signal from now on is a clean stop
     dist = init_distributed(cfg.dist.timeout_minutes)
+    stop.world = dist.world
     setup_logging(dist.rank)
     run_dir = _prepare_run_dir(cfg, dist)
     seed_everything(cfg.train.seed)  # same initial weights on every rank
@@ -49,23 +53,26 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     task = build_task(cfg, manifest)  # checks the shards against the objective before any work
     model = task.build_model()
     flops = flops_per_sample(cfg.model, in_chans=cfg.data.channels, img_size=cfg.data.image_size)
-    engine = build_engine(model, cfg, dist.world)
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, dist, last_step=cfg.train.steps, config=to_dict(cfg))
+    plan = checkpointer.prepare_resume(cfg.train)  # another number of ranks: same global batch, universal checkpoint
+    engine = build_engine(model, cfg, dist.world, overrides=plan.ds_overrides)
     ema = ModelEma(engine, cfg.train.ema_decay) if cfg.train.ema_decay else None
     guard = NumericsGuard(engine, cfg.train, dist.world)
-    stream = _stream(cfg, manifest, cfg.data.train_split, dist, task, train=True)
+    stream = _stream(cfg, manifest, cfg.data.train_split, dist, task, train=True,
+                     accumulation=engine.gradient_accumulation_steps())
     state = TrainState()
     tracker = Tracker(cfg.logging, run_dir, dist.is_main, to_dict(cfg))
     parts = {"train": state, "loader": stream, "ema": ema, "tracker": tracker}  # everything a resume needs
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, dist, last_step=cfg.train.steps, config=to_dict(cfg))
-    checkpointer.resume(engine, parts)  # leaves everything as it is when there is no complete checkpoint
-    tracker.start()
+    resumed = checkpointer.resume(engine, parts)  # leaves everything as it is when there is no complete checkpoint
+    tracker.start(resumed_at=checkpointer.completed_at(resumed) if resumed else None)
     meter = Throughput(cfg.train.micro_batch_size * dist.world, flops,
                        device_peak_tflops(cfg.train.precision, cfg.train.peak_tflops), dist.world)
     log.info("training %s on %d samples, %d ranks, %d batches/epoch, steps %d..%d", cfg.model.name,
              stream.samples, dist.world, stream.batches_per_epoch(), state.step, cfg.train.steps)
 
     losses: list[float] = []
-    while state.step < cfg.train.steps:
+    stopped = False
+    while state.step < cfg.train.steps and not stopped:
         stream.set_epoch(state.epoch)
         for batch in meter.batches(make_loader(stream)):
             out = train_step(engine, batch, task, guard)
@@ -78,14 +85,22 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 ema.update()
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
                 _log_step(tracker, engine, state, losses, meter, guard, stream, cfg)
+            score = None
             if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
-                _evaluate(task, engine, ema, cfg, manifest, dist, cfg.data.eval_split, tracker, state.step)
-            if checkpointer.due(state.step):
-                checkpointer.save(engine, state.step, parts)
-            if state.step >= cfg.train.steps:
+                result = _evaluate(task, engine, ema, cfg, manifest, dist, cfg.data.eval_split, tracker, state.step)
+                score = result.get(cfg.checkpoint.keep_best) if cfg.checkpoint.keep_best else None
+            decision = stop.decide()  # one tiny all-reduce: every rank stops or saves at the same step
+            if checkpointer.due(state.step) or decision.save or decision.stop:
+                checkpointer.save(engine, state.step, parts, score=score)
+                stop.saved()
+            if decision.stop or state.step >= cfg.train.steps:
+                stopped = decision.stop
                 break
         else:
             state.epoch += 1  # the epoch ran out (not a break at the last step)
+
+    if stopped:
+        return _stop(stop, tracker, run_dir, dist, state.step, checkpointer.newest())
 
     save_weights(engine, ema, cfg, preprocess_record(cfg, task.class_names), run_dir, dist)
     result = _evaluate(task, engine, ema, cfg, manifest, dist, cfg.data.test_split, tracker, state.step)
@@ -95,6 +110,18 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     tracker.close()
     barrier()
     return result
+
+
+def _stop(stop: StopRequest, tracker: Tracker, run_dir: Path, dist: DistInfo, step: int,
+          checkpoint: Path | None) -> None:
+    """After the agreed save: say where the run stopped and leave the rest to the rerun."""
+    log.warning("stopped by %s at step %d after saving %s: run the same command to continue (exit code %d)",
+                stop.describe(), step, checkpoint, EXIT_REQUEUE)
+    if dist.is_main:
+        stop.write_marker(run_dir, step, checkpoint)
+    tracker.close()
+    barrier()
+    return None
 
 
 class MicroStep(NamedTuple):
@@ -136,15 +163,17 @@ def _prepare_run_dir(cfg: RunConfig, dist: DistInfo) -> Path:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this start continues whatever stopped before
     barrier()
     return run_dir
 
 
 def _stream(cfg: RunConfig, manifest: dict[str, Any], split: str, dist: DistInfo, task: Task,
-            train: bool) -> ShardStream:
+            train: bool, accumulation: int = 1) -> ShardStream:
     mb = cfg.train.micro_batch_size if train else cfg.eval.micro_batch_size
     return ShardStream(cfg.data.shards, split, cfg.data, micro_batch=mb, rank=dist.rank, world=dist.world,
-                       train=train, seed=cfg.train.seed, manifest=manifest, labels=task.needs_labels)
+                       train=train, seed=cfg.train.seed, manifest=manifest, labels=task.needs_labels,
+                       accumulation=accumulation)
 
 
 def _log_step(tracker: Tracker, engine: Any, state: TrainState, losses: list[float], meter: Throughput,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medscale.config import LoggingConfig
+from medscale.files import atomic_write
 
 __all__ = ["Tracker", "setup_logging", "WANDB_ID_FILE", "METRICS_FILE"]
 
@@ -60,16 +61,32 @@ class Tracker:
             raise RuntimeError("Tracker.load_state_dict must be called before Tracker.start")
         self.wandb_id = state.get("wandb_id") or None
 
-    def start(self) -> None:
-        """Rank 0: open ``metrics.jsonl`` (append) and, when enabled, start or continue the W&B run."""
+    def start(self, resumed_at: float | None = None) -> None:
+        """Rank 0: open ``metrics.jsonl`` and, when enabled, start or continue the W&B run.
+
+        Rows written after the checkpoint this run resumed from was completed (`resumed_at`, its
+        completion time) belong to steps that run again now: they are dropped, so every step appears
+        once. Without a checkpoint (None) the run starts over and keeps no old rows.
+        """
         if self._started:
             raise RuntimeError("Tracker.start called twice")
         self._started = True
         if not self.is_main:
             return
+        self._drop_rows_after(resumed_at)
         self._file = open(self.run_dir / METRICS_FILE, "a")
         if self.cfg.wandb:
             self._start_wandb()
+
+    def _drop_rows_after(self, resumed_at: float | None) -> None:
+        path = self.run_dir / METRICS_FILE
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if resumed_at is not None and _row_time(line) <= resumed_at]
+        if len(kept) != len(lines):
+            log.info("metrics.jsonl: dropped %d rows of steps that run again after the resume", len(lines) - len(kept))
+            atomic_write(path, "".join(line + "\n" for line in kept))
 
     def _start_wandb(self) -> None:
         import wandb
@@ -137,6 +154,14 @@ class Tracker:
             self._wandb_warned = True
             log.warning("W&B failed (%s: %s); training goes on, metrics.jsonl has every figure "
                         "(further W&B errors are not reported)", type(e).__name__, e)
+
+
+def _row_time(line: str) -> float:
+    """A metrics.jsonl row's time; a torn last line (a kill mid-write) counts as after any checkpoint."""
+    try:
+        return float(json.loads(line)["time"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def setup_logging(rank: int) -> None:
