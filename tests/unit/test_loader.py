@@ -464,3 +464,19 @@ def test_url_forms():
     assert join_url("/data/prep", "/abs/train-0.tar") == "/abs/train-0.tar"
     assert is_local("/data/x.tar") and is_local("file:///data/x.tar") and not is_local("s3://b/x.tar")
     assert "s3" in wds_gopen.gopen_schemes  # s3:// opens through the AWS CLI
+
+
+def test_training_epochs_end_on_whole_optimizer_steps(shard_factory):
+    """2 ranks x 1 micro-batch and 1 rank x 2 accumulated micro-batches are the same global batch:
+    their epochs must cover the same entries (the resume on another number of ranks relies on it)."""
+    _, root = shard_factory({"train": [18, 18]})  # 36 samples; a global batch of 8 leaves 4 over
+    two = [ShardStream(str(root), "train", cfg(), micro_batch=4, rank=r, world=2) for r in range(2)]
+    one = ShardStream(str(root), "train", cfg(), micro_batch=4, world=1, accumulation=2)
+    assert [s.batches_per_epoch() for s in two] == [4, 4] and one.batches_per_epoch() == 8  # 32 samples each
+    assert ShardStream(str(root), "train", cfg(), micro_batch=4, world=1).batches_per_epoch() == 9
+    seen_two = sorted(k for s in two for batch in keys_of(s) for k in batch)
+    assert len(seen_two) == 32 and seen_two == sorted(k for batch in keys_of(one) for k in batch)
+    one.load_state_dict({**one.state_dict(), "position": 24})  # 3 steps of 8 taken: 1 whole step left
+    assert one.remaining_batches() == 2 and sum(len(b) for b in keys_of(one)) == 8
+    with pytest.raises(ValueError, match="fewer than one global micro-batch.*x 2 accumulated"):
+        ShardStream(str(root), "train", cfg(), micro_batch=10, world=2, accumulation=2)

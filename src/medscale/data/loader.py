@@ -144,10 +144,13 @@ class ShardStream(IterableDataset):
 
     def __init__(self, root: str, split: str, cfg: DataConfig, *, micro_batch: int, rank: int = 0,
                  world: int = 1, train: bool = True, seed: int = 0, manifest: dict[str, Any] | None = None,
-                 labels: bool = True):
+                 labels: bool = True, accumulation: int = 1):
         self.manifest = manifest or load_manifest(root)
         self.root, self.split, self.cfg = root, split, cfg
         self.micro_batch, self.rank, self.world = micro_batch, rank, world
+        # Training epochs end on whole optimizer steps (accumulation micro-batches of every rank), so
+        # an epoch covers the same samples for any split of one global batch into ranks x accumulation.
+        self.accumulation = max(1, accumulation) if train else 1
         self.train, self.seed, self.labels = train, seed, labels
         if labels and not has_labels(self.manifest):
             raise ConfigError(
@@ -166,10 +169,11 @@ class ShardStream(IterableDataset):
         if self.samples == 0:
             have = sorted({s["split"] for s in self.manifest["shards"]})
             raise ConfigError(f"split {split!r} has no samples in {root}/manifest.json (splits there: {have})")
-        if train and self.samples < world * micro_batch:
+        if train and self.samples < world * micro_batch * self.accumulation:
             raise ConfigError(
                 f"split {split!r} has {self.samples} samples, fewer than one global micro-batch "
-                f"({world} ranks x {micro_batch}); lower train.micro_batch_size"
+                f"({world} ranks x {micro_batch}" + (f" x {self.accumulation} accumulated" if self.accumulation > 1
+                                                     else "") + "); lower train.micro_batch_size"
             )
         self.workers = max(1, cfg.num_workers)
         self.task = task_of(self.manifest)
@@ -237,13 +241,18 @@ class ShardStream(IterableDataset):
     def batches_per_epoch(self) -> int:
         """Micro-batches each rank yields in a whole epoch (known before reading any shard)."""
         if self.train:
-            return self.samples // (self.world * self.micro_batch)
+            return self._whole_steps(self.samples)
         return eval_batches(self.samples, self.world, self.micro_batch)
+
+    def _whole_steps(self, entries: int) -> int:
+        """Micro-batches per rank in the whole optimizer steps that `entries` sequence entries hold."""
+        step = self.world * self.micro_batch * self.accumulation
+        return entries // step * self.accumulation
 
     def remaining_batches(self) -> int:
         """Micro-batches each rank yields from the current position to the end of the epoch."""
         if self.train:
-            return (self.samples - self.position) // (self.world * self.micro_batch)
+            return self._whole_steps(self.samples - self.position)
         return self.batches_per_epoch()
 
     def __len__(self) -> int:
@@ -299,7 +308,7 @@ class ShardStream(IterableDataset):
     def _train_batches(self, order: EpochOrder, reader: ShardReader, acct: "_Accounting", worker: int,
                        workers: int) -> Iterator[Batch]:
         p0, g = self.position, self.world * self.micro_batch
-        mine = worker_batches((order.length - p0) // g, worker, workers)
+        mine = worker_batches(self._whole_steps(order.length - p0), worker, workers)
         if reader.streams:  # streams keep only what this worker will use
             for c in mine:
                 reader.expect(zip(*order.locate(train_batch_ids(order, p0, c, self.rank, self.world,
