@@ -83,3 +83,21 @@ def read_wandb_run(wandb_dir: Path) -> dict[str, Any]:
     history = {int(r["history"]["step"]["num"]): r["history"]["item"] for r in records if r["type"] == "history"}
     return {"id": run["run_id"], "project": run.get("project"), "name": run.get("display_name"),
             "config": config, "history": history, "summary": summary}
+
+
+def simulate_kill_after(out: Path, step: int) -> None:
+    """Leave a finished run as a kill after `step` would: later checkpoints gone (one torn: DeepSpeed's
+    files written, the completion marker not), no final files, metrics rows up to `step` only."""
+    import shutil
+
+    ckpts = out / "checkpoints"
+    for d in ckpts.glob("step*"):
+        if int(d.name[4:12]) > step:
+            shutil.rmtree(d)
+    torn = ckpts / f"step{step + 1:08d}"
+    shutil.copytree(ckpts / f"step{step:08d}", torn)
+    (torn / "complete.json").unlink()
+    for f in ("model.pt", "eval.json"):
+        (out / f).unlink()
+    rows = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))

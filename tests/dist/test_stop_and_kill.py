@@ -150,7 +150,7 @@ def reference(tmp_path_factory, shards):
     return done
 
 
-def _stopped_then_rerun(proc: subprocess.Popen, sent: tuple[int, int], out: Path, config: Path, rerun: list[str],
+def _check_stopped_then_rerun(proc: subprocess.Popen, sent: tuple[int, int], out: Path, config: Path, rerun: list[str],
                         reference: dict) -> None:
     rc, log = _finish(proc)
     assert rc == EXIT_REQUEUE, log[-4000:]
@@ -176,7 +176,7 @@ def test_sigterm_to_a_plain_process(tmp_path, shards, reference):
     proc = _start(_train_cmd(config, out))
     _wait_for(out, 5, proc)
     sent = _signal(out, lambda: proc.send_signal(signal.SIGTERM))
-    _stopped_then_rerun(proc, sent, out, config, _train_cmd(config, out), reference[1])
+    _check_stopped_then_rerun(proc, sent, out, config, _train_cmd(config, out), reference[1])
     b = torch.load(out / "model.pt", weights_only=True)
     for k, v in reference[1]["model"]["model"].items():
         assert torch.equal(v, b["model"][k]), k
@@ -189,7 +189,7 @@ def test_sigusr1_to_medscale_nproc2(tmp_path, shards, reference):
     proc = _start(cmd)
     _wait_for(out, 5, proc)
     sent = _signal(out, lambda: proc.send_signal(signal.SIGUSR1))  # medscale's own process: it relays
-    _stopped_then_rerun(proc, sent, out, config, cmd, reference[2])
+    _check_stopped_then_rerun(proc, sent, out, config, cmd, reference[2])
 
 
 def test_sigusr2_to_the_deepspeed_launchers_process_group(tmp_path, shards, reference):
@@ -200,7 +200,7 @@ def test_sigusr2_to_the_deepspeed_launchers_process_group(tmp_path, shards, refe
     proc = _start(cmd)
     _wait_for(out, 5, proc)
     sent = _signal(out, lambda: os.killpg(proc.pid, signal.SIGUSR2))
-    _stopped_then_rerun(proc, sent, out, config, cmd, reference[2])
+    _check_stopped_then_rerun(proc, sent, out, config, cmd, reference[2])
 
 
 def test_sigusr1_to_torchrun(tmp_path, shards, reference):
@@ -265,3 +265,28 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous(tmp_pat
     assert rc == 0, log[-4000:]
     assert f"resumed from {ckpts / 'step00000004'}" in log
     assert _losses(out) == reference[2]["losses"]
+
+
+def test_every_minutes_and_keep_best_in_a_real_run(tmp_path, shards):
+    """checkpoint.every_minutes saves by the clock (all ranks agree at a step); keep_best keeps the
+    best-scored checkpoint of the eval split beside the newest."""
+    out = tmp_path / "clock"
+    config = _config(tmp_path, shards, every_minutes=0.0005, keep=50)  # 30 ms: a save every step or two
+    rc, log = _finish(_start(_train_cmd(config, out, "train.steps=12")))
+    assert rc == 0, log[-3000:]
+    saved = sorted(int(p.name[4:]) for p in (out / "checkpoints").glob("step*"))
+    assert len(saved) >= 4 and saved[-1] == 12, saved  # not only the final one (every_steps is 0)
+
+    out = tmp_path / "best"
+    config = _config(tmp_path, shards, every_steps=2, keep=1, keep_best="auroc")
+    rc, log = _finish(_start(_train_cmd(config, out, "train.steps=12", "eval.every_steps=2")))
+    assert rc == 0, log[-3000:]
+    scores = {}
+    for row in _rows(out):
+        if "val/auroc" in row and row["val/auroc"] is not None:
+            scores[row["step"]] = row["val/auroc"]
+    kept = sorted(int(p.name[4:]) for p in (out / "checkpoints").glob("step*"))
+    best = max(scores, key=lambda s: (scores[s], -s))  # the first of equal bests: max() keeps the first
+    assert 12 in kept and best in kept and len(kept) <= 2, (kept, scores)
+    recorded = json.loads((out / "checkpoints" / f"step{best:08d}" / "complete.json").read_text())["score"]
+    assert recorded == scores[best]

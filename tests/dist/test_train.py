@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from medscale.dist import free_port
-from conftest import subprocess_env, write_shards
+from conftest import simulate_kill_after, subprocess_env, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -61,19 +61,6 @@ def _losses(out: Path) -> dict[int, float]:
     return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
 
 
-def _kill_after(out: Path, step: int) -> None:
-    """Leave the run as a kill after `step` would: newer checkpoints gone or torn, no final files."""
-    ckpts = out / "checkpoints"
-    for d in ckpts.glob("step*"):
-        if int(d.name[4:]) > step:
-            shutil.rmtree(d)
-    torn = ckpts / f"step{step + 1:08d}"  # DeepSpeed's files written, the completion marker not
-    shutil.copytree(ckpts / f"step{step:08d}", torn)
-    (torn / "complete.json").unlink()
-    for f in ("model.pt", "eval.json"):
-        (out / f).unlink()
-    rows = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
-    (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
 
 
 def test_resume_continues_exactly(tmp_path, shards):
@@ -85,7 +72,7 @@ def test_resume_continues_exactly(tmp_path, shards):
     _train(config, whole)
     resumed = tmp_path / "resumed"
     shutil.copytree(whole, resumed)
-    _kill_after(resumed, 4)
+    simulate_kill_after(resumed, 4)
     log = _train(config, resumed)
     assert "resumed from" in log and "step00000004" in log
     assert _losses(resumed) == _losses(whole)
@@ -117,7 +104,7 @@ def test_zero3_two_ranks_resume_with_ema(tmp_path, shards):
     assert "2 ranks" in _train(config, whole, zero3, launcher=torchrun)
     resumed = tmp_path / "resumed"
     shutil.copytree(whole, resumed)
-    _kill_after(resumed, 2)
+    simulate_kill_after(resumed, 2)
     torchrun[4] = str(free_port())
     assert "step00000002" in _train(config, resumed, zero3, launcher=torchrun)
     assert _losses(resumed) == pytest.approx(_losses(whole), rel=1e-6, abs=1e-7)

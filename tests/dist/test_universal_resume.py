@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from medscale.dist import free_port
-from conftest import subprocess_env, write_shards
+from conftest import simulate_kill_after, subprocess_env, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -289,19 +289,6 @@ def _train(config: Path, out: Path, ranks: int, keylog: Path) -> str:
     return r.stdout + r.stderr
 
 
-def _kill_after(out: Path, step: int) -> None:
-    """Leave the run as a kill after `step` would: later checkpoints gone (one torn), no final files."""
-    ckpts = out / "checkpoints"
-    for d in ckpts.glob("step*"):
-        if int(d.name[4:12]) > step:
-            shutil.rmtree(d)
-    torn = ckpts / f"step{step + 1:08d}"  # DeepSpeed's files written, the completion marker not
-    shutil.copytree(ckpts / f"step{step:08d}", torn)
-    (torn / "complete.json").unlink()
-    for f in ("model.pt", "eval.json"):
-        (out / f).unlink()
-    rows = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-    (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -342,7 +329,7 @@ def test_train_resumes_on_another_number_of_ranks(tmp_path, shards, stage):
 
     one = tmp_path / "one"  # killed after step 2 on 2 ranks, rerun on 1
     shutil.copytree(whole, one)
-    _kill_after(one, 2)
+    simulate_kill_after(one, 2)
     log = _train(config, one, 1, tmp_path / "keys_one")
     assert "converted step00000002 to step00000002_universal" in log, log[-3000:]
     assert "gradient accumulation 2 (train.grad_accum=1 recomputed" in log
@@ -354,7 +341,7 @@ def test_train_resumes_on_another_number_of_ranks(tmp_path, shards, stage):
 
     two = tmp_path / "two"  # the 1-rank rerun killed after step 3, rerun on 2
     shutil.copytree(one, two)
-    _kill_after(two, 3)
+    simulate_kill_after(two, 3)
     log = _train(config, two, 2, tmp_path / "keys_two")
     assert "converted step00000003 to step00000003_universal" in log, log[-3000:]
     assert "through step00000003_universal" in log
