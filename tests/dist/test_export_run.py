@@ -1,6 +1,8 @@
 """`medscale export` of real DeepSpeed runs on 2 ranks (torchrun): from model.pt and from a checkpoint, with
 ONNX; plain timm, ONNX Runtime and `medscale eval` agree with the run's own evaluation model. And a
-crafted pickle planted in a real checkpoint is refused, by the resume and by the export, unrun.
+crafted pickle planted in a real checkpoint is refused, by the resume and by the export, unrun. The
+fp32 masters of ZeRO-1/2 checkpoints written by 1 and 2 ranks, read tensor by tensor, are DeepSpeed's
+zero_to_fp32 consolidation bit for bit; those of a bf16 ZeRO-1 run (BF16_Optimizer) are its model.pt's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import yaml
 
 from conftest import subprocess_env, write_shards
+from medscale.checkpoint.export import export_run
 from medscale.dist import free_port
 
 pytestmark = pytest.mark.integration
@@ -190,3 +193,121 @@ def test_zero1_bf16_optimizer_checkpoint_exports_its_fp32_masters(tmp_path, shar
     saved = torch.load(run / "model.pt", weights_only=True)
     _same(_weights(tmp_path / "trained"), saved["model"])
     _same(_weights(tmp_path / "ema"), saved["model_ema"])
+
+
+# -------------------------------------------------------------------------------------------------
+# fp32 ZeRO-1/2: each tensor from the slice map, bit for bit DeepSpeed's zero_to_fp32
+# -------------------------------------------------------------------------------------------------
+
+# One process per rank builds an fp32 engine for each variant in turn (one process start for all of them),
+# takes two steps on data of its own and saves through medscale's Checkpointer.
+ZERO12_RANK = r"""
+import json, sys, torch
+from pathlib import Path
+from medscale.checkpoint.checkpointer import Checkpointer, TrainState
+from medscale.config import CheckpointConfig, RunConfig, from_dict, to_dict
+from medscale.dist import init_distributed, shutdown
+from medscale.models import create_model
+from medscale.train.engine import build_engine, resolve_ds_config
+
+variants, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+torch.set_num_threads(1)
+dist = init_distributed(timeout_minutes=2)
+for name, v in variants.items():
+    ds = json.loads(Path(f"ds_configs/cpu_zero{v['stage']}.json").read_text())
+    ds["zero_optimization"].update(v.get("zero", {}))
+    ds_path = out / f"{name}_ds.json"
+    if dist.is_main:
+        ds_path.write_text(json.dumps(ds))
+    torch.distributed.barrier()
+    cfg = from_dict(RunConfig, {"out_dir": str(out / name),
+                                "model": {"name": "test_vit", "patch_size": 8, "num_classes": 3},
+                                "train": {"micro_batch_size": 2, "precision": "fp32", "lr": 3e-3, "warmup_steps": 1,
+                                          "steps": 2, "ema_decay": 0.0}})
+    torch.manual_seed(0)
+    model = create_model(cfg.model, img_size=16, in_chans=1)
+    for frozen in v.get("frozen", []):
+        model.get_parameter(frozen).requires_grad_(False)
+    engine = build_engine(model, cfg, dist.world, resolve_ds_config(cfg, dist.world, ds_path))
+    g = torch.Generator().manual_seed(1)
+    for step in range(2):
+        x = torch.randn(2 * dist.world, 1, 16, 16, generator=g)[2 * dist.rank:2 * dist.rank + 2]
+        engine.backward(engine(x).pow(2).mean())
+        engine.step()
+    ck = Checkpointer(CheckpointConfig(every_steps=1), out / name, dist, last_step=2, config=to_dict(cfg))
+    ck.save(engine, 2, {"train": TrainState(step=2)})
+    del engine
+shutdown()
+"""
+
+ZERO12_VARIANTS = {
+    "zero1": {"stage": 1},
+    "zero2": {"stage": 2},
+    # per-parameter alignment padding inside the flat groups, and a frozen parameter (ZeRO-2 saves it whole)
+    "zero2_aligned_frozen": {"stage": 2, "zero": {"parameter_alignment": True}, "frozen": ["pos_embed"]},
+    # the flat groups in round-robin order, which the slice map does not follow: read by param_shapes
+    "zero1_round_robin": {"stage": 1, "zero": {"round_robin_gradients": True}},
+}
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
+def zero12_runs(request, tmp_path_factory):
+    world, out, port = request.param, tmp_path_factory.mktemp(f"zero12_{request.param}"), free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", ZERO12_RANK, json.dumps(ZERO12_VARIANTS), str(out)], cwd=ROOT,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=dict(subprocess_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+             for r in range(world)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [log[-3000:] for log in logs]
+    return world, out
+
+
+@pytest.mark.parametrize("variant", list(ZERO12_VARIANTS))
+def test_zero12_fp32_export_reads_the_slice_map_bit_for_bit_like_zero_to_fp32(zero12_runs, variant, tmp_path,
+                                                                                monkeypatch, caplog):
+    """fp32 ZeRO-1/2, written by 1 and 2 ranks: the export's tensors, put together one at a time from the
+    optimizer files' partitions, are DeepSpeed's get_fp32_state_dict_from_zero_checkpoint (which concatenates
+    each group's partitions first) bit for bit, and so is model.safetensors."""
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
+
+    from medscale.checkpoint import export
+
+    world, out = zero12_runs
+    run, tag = out / variant, "step00000002"
+    ckpt = run / "checkpoints" / tag
+    optim = sorted(p.name for p in ckpt.glob("*optim_states.pt"))
+    assert optim == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    want = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag)  # the reference
+
+    def refused(*args, **kwargs):
+        raise AssertionError("ZeRO-1/2 went through get_fp32_state_dict_from_zero_checkpoint")
+
+    monkeypatch.setattr(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint", refused)
+    states = export.safe_load(export._model_states_file(ckpt))
+    with caplog.at_level("WARNING", logger="medscale.checkpoint.export"):
+        masters = export._master_weights(run / "checkpoints", tag, ckpt, states)
+    reordered = variant == "zero1_round_robin" and world == 2  # round robin over 1 rank keeps the order
+    assert ("disagrees with the order of param_shapes" in caplog.text) == reordered
+    buffers = set(states["buffer_names"])
+    assert masters.keys() == want.keys() - buffers
+    assert all(isinstance(masters[k], export._Fragments) for group in states["param_shapes"] for k in group)
+    split = 0
+    for name, lazy in masters.items():
+        got = lazy.contiguous()
+        assert got.dtype == want[name].dtype == torch.float32 and got.shape == want[name].shape, name
+        assert torch.equal(got.view(torch.int32), want[name].view(torch.int32)), name  # the same bits
+        split += isinstance(lazy, export._Fragments) and len(lazy.pieces) > 1
+    assert split >= (world > 1)  # at 2 ranks a tensor is cut between the partitions
+    if variant == "zero2_aligned_frozen":
+        assert "pos_embed" in states["frozen_param_fragments"] and "pos_embed" in masters
+
+    # The whole export: model.safetensors holds the reference's tensors (the module's names, its buffers).
+    result = export_run(run, tmp_path / "e", checkpoint="latest", use_ema=False)
+    assert result.source == {"run": str(run), "file": None, "checkpoint": tag, "step": 2, "weights": "trained"}
+    exported = _weights(tmp_path / "e")
+    assert exported.keys() == states["module"].keys()
+    for name, value in exported.items():
+        assert torch.equal(value, want[name].float()), name
+        # in fp32 the engine's module holds its masters' values too (DeepSpeed saved it in the model states)
+        assert torch.equal(value, states["module"][name]), name

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from medscale.checkpoint import export
 from medscale.checkpoint.export import OnnxParityError, export_onnx, export_run, load_exported, write_safetensors
+from medscale.checkpoint.safety import safe_load, verify_checkpoint_files
 from medscale.checkpoint.weights import load_run_model, preprocess_record, save_weights
 from medscale.cli import main
 from medscale.config import RunConfig, from_dict
@@ -174,3 +175,100 @@ def test_cli_export(run, tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "e"), "--checkpoint", "step00000004"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("medscale export: error: checkpoint") and "no checkpoints" in err and "Traceback" not in err
+
+
+def _zero12_checkpoint(path: Path, groups: list[dict[str, tuple[int, ...]]], world: int, *, stage: int = 2,
+                       param_alignment: int = 1, frozen: dict[str, torch.Tensor] | None = None,
+                       ) -> dict[str, torch.Tensor]:
+    """Files of a ZeRO-1/2 checkpoint of `world` ranks laid out as DeepSpeed 0.19's stage_1_and_2.py lays them
+    out: each group flattened (a parameter followed by its alignment padding, the last one without), padded to
+    a multiple of 2 x world, cut into equal partitions, each saved without its trailing padding; the slice map
+    of each rank's parameters. Returns the parameters written."""
+    from collections import OrderedDict
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    g = torch.Generator().manual_seed(0)
+    values: dict[str, torch.Tensor] = {}
+    osds: list[dict] = [{"single_partition_of_fp32_groups": [], "group_paddings": [], "param_slice_mappings": [],
+                         "param_alignment_paddings": [], "partition_count": [world] * len(groups),
+                         "zero_stage": ZeroStageEnum(stage), "ds_version": "0.19.8",
+                         "optimizer_state_dict": {"state": {}, "param_groups": []}} for _ in range(world)]
+    for group in groups:
+        pieces, paddings, offsets = [], [], {}
+        for i, (name, shape) in enumerate(group.items()):
+            values[name] = torch.randn(shape, generator=g)
+            offsets[name] = sum(p.numel() for p in pieces)
+            pieces.append(values[name].reshape(-1))
+            paddings.append(0 if i == len(group) - 1 else -sum(p.numel() for p in pieces) % param_alignment)
+            pieces.append(torch.zeros(paddings[-1]))
+        used = sum(p.numel() for p in pieces)
+        flat = torch.cat(pieces + [torch.zeros(-used % (2 * world))])
+        size = flat.numel() // world
+        for r, osd in enumerate(osds):
+            pad = min(size, max(0, (r + 1) * size - used))
+            osd["single_partition_of_fp32_groups"].append(flat[r * size:(r + 1) * size - pad].clone())
+            osd["group_paddings"].append(pad)
+            osd["param_alignment_paddings"].append(paddings)
+            mapping = OrderedDict()
+            for name, begin in offsets.items():
+                end = begin + values[name].numel()
+                lo, hi = max(begin, r * size), min(end, (r + 1) * size)
+                if lo < hi:
+                    mapping[name] = fragment_address(numel=hi - lo, start=lo - r * size)
+            osd["param_slice_mappings"].append(mapping)
+    path.mkdir(parents=True)
+    for r, osd in enumerate(osds):
+        torch.save({"optimizer_state_dict": osd}, path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    frozen = frozen or {}
+    torch.save({"module": {**values, **frozen, "steps": torch.tensor(3)}, "buffer_names": ["steps"],
+                "param_shapes": [OrderedDict((n, torch.Size(s)) for n, s in group.items()) for group in groups],
+                "frozen_param_shapes": OrderedDict((n, v.shape) for n, v in frozen.items()) if stage == 2 else None,
+                "frozen_param_fragments": OrderedDict(frozen) if stage == 2 else None,
+                "shared_params": {}, "ds_version": "0.19.8", "ds_config": {"zero_optimization": {"stage": stage}}},
+               path / "mp_rank_00_model_states.pt")
+    return {**values, **(frozen if stage == 2 else {})}
+
+
+@pytest.mark.parametrize("world,stage,alignment", [(1, 2, 1), (2, 1, 1), (3, 2, 4), (5, 1, 4)])
+def test_zero12_masters_come_from_the_slice_map_bit_for_bit_like_zero_to_fp32(tmp_path, world, stage, alignment,
+                                                                              monkeypatch):
+    """The ZeRO-1/2 reader puts each tensor together from the ranks' partitions, one at a time: the same bits
+    as DeepSpeed's get_fp32_state_dict_from_zero_checkpoint, which concatenates each group's partitions first.
+    Tensors cut across 2 and 3 partitions, alignment padding between them, a last rank holding only padding
+    (5 ranks), a frozen parameter (ZeRO-2 keeps it in the model states)."""
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
+
+    groups = [{"w1": (7, 3), "w2": (5,), "w3": (2, 2, 3)}, {"b1": (3,), "b2": (9,)}]
+    ckpt = tmp_path / "checkpoints" / "step2"
+    values = _zero12_checkpoint(ckpt, groups, world, stage=stage, param_alignment=alignment,
+                                frozen={"frozen": torch.arange(4.0)})
+    verify_checkpoint_files(ckpt)
+    want = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"), "step2")
+    monkeypatch.setattr(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint", None)  # not used at ZeRO-1/2
+    states = safe_load(ckpt / "mp_rank_00_model_states.pt")
+    got = export._master_weights(tmp_path / "checkpoints", "step2", ckpt, states)
+    assert got.keys() == want.keys() - {"steps"} == values.keys()
+    for name, lazy in got.items():
+        t = lazy.contiguous()
+        assert t.shape == want[name].shape and torch.equal(t.view(torch.int32), want[name].view(torch.int32)), name
+        assert torch.equal(t, values[name]), name
+    if world > 1:
+        assert max(len(v.pieces) for v in got.values() if isinstance(v, export._Fragments)) == min(world, 3)
+
+
+def test_zero12_reader_refuses_inconsistent_files(tmp_path):
+    groups = [{"w1": (7, 3), "w2": (5,)}]
+    ckpt = tmp_path / "step2"
+    _zero12_checkpoint(ckpt, groups, 2)
+    states = safe_load(ckpt / "mp_rank_00_model_states.pt")
+    (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").rename(ckpt / "zero_pp_rank_2_mp_rank_00_optim_states.pt")
+    with pytest.raises(InputError, match=r"optimizer files of ranks \[0, 2\]"):
+        export._master_weights(tmp_path, "step2", ckpt, states)
+    (ckpt / "zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(InputError, match="holds 1 optimizer files, zero_pp_rank_0_mp_rank_00_optim_states.pt says 2"):
+        export._master_weights(tmp_path, "step2", ckpt, states)
+    _zero12_checkpoint(tmp_path / "two_groups", [groups[0], {"b": (3,)}], 1)
+    with pytest.raises(InputError, match="holds 2 parameter groups, the model states 1"):
+        export._master_weights(tmp_path, "two_groups", tmp_path / "two_groups", states)

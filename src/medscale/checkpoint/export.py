@@ -3,15 +3,26 @@
 Without a checkpoint tag the weights come from ``RUN/model.pt`` (the EMA when the run kept one,
 else the trained fp32 weights). With ``--checkpoint TAG`` they are consolidated from
 ``RUN/checkpoints/TAG``: the EMA from its ``parts.pt``, or the fp32 master weights from DeepSpeed's
-ZeRO files through its public ``get_fp32_state_dict_from_zero_checkpoint(..., lazy_mode=True)``.
-That reads the model-state files and the fp32 partitions, memory-mapped: the optimizer moments
-sit in the same files but are never touched. At ZeRO-3 each tensor is gathered from its
-partitions one at a time; at ZeRO-1/2 DeepSpeed concatenates each parameter group's partitions
-first (one fp32 copy of the weights). bf16 at ZeRO-1 runs DeepSpeed's ``BF16_Optimizer``, whose
-files that function refuses ("is not a zero checkpoint"): there each tensor is put together from
-the partitions named by the optimizer's own ``param_slice_mappings``, one at a time as well. Every
-``.pt`` of the checkpoint is verified first (`medscale.checkpoint.safety`), because DeepSpeed
-unpickles them with ``weights_only=False``.
+files, memory-mapped and one tensor at a time: the model-state file and the fp32 partitions are
+read, the optimizer moments in the same files never touched. At ZeRO-3 that is DeepSpeed's public
+``get_fp32_state_dict_from_zero_checkpoint(..., lazy_mode=True)``, which gathers each tensor from its
+partitions when it is written. At ZeRO-1/2 the same function first concatenates each parameter
+group's partitions into one fp32 copy (``torch.cat`` in ``_zero2_merge_trainable_params``), so the
+export would hold the weights twice (a peak of 2.02x their bytes, bench/checkpoint.py): medscale
+reads those files itself instead (ZeRO-1/2 files of a DeepSpeed without the slice map still go
+through that function). Each rank's optimizer file holds its partition of every flat group
+(``single_partition_of_fp32_groups``, saved without its trailing padding) and the optimizer's own
+map of where each parameter's slice sits in it (``param_slice_mappings``); a tensor is the
+concatenation of its slices in rank order, made when it is written (a view of the mapped file when
+one rank holds it whole). The map is checked against the layout DeepSpeed's function reads by (the
+model states' ``param_shapes`` in order, with ``param_alignment_paddings`` and ``group_paddings``);
+where they disagree (``round_robin_gradients``, which the map does not follow) the layout wins, so
+the tensors are always that function's, bit for bit. ZeRO-2's frozen parameters come from the model
+states, as there. bf16 at ZeRO-1 runs DeepSpeed's ``BF16_Optimizer``, whose files that function
+refuses ("is not a zero checkpoint"); they hold the same two keys (partitions saved with their
+padding) and go through the same reader. Every ``.pt`` of the checkpoint is verified first
+(`medscale.checkpoint.safety`), because DeepSpeed unpickles them with ``weights_only=False``;
+medscale's own reads are ``torch.load(weights_only=True, mmap=True)`` (`safe_load`).
 
 ``model.safetensors`` is written tensor by tensor (the safetensors layout: a little-endian u64
 header length, a JSON header of dtypes, shapes and byte offsets, then the raw bytes), so the export
@@ -300,12 +311,17 @@ def _master_weights(root: Path, tag: str, path: Path, states: Mapping[str, Any])
     first = safe_load(optim[0])["optimizer_state_dict"]  # memory-mapped: the moments are not read
     from deepspeed.checkpoint.constants import PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE
 
-    if ZERO_STAGE in first:
+    zero_stage = int(first[ZERO_STAGE]) if ZERO_STAGE in first else None
+    if zero_stage is not None and zero_stage >= 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag, lazy_mode=True)
     if SINGLE_PARTITION_OF_FP32_GROUPS in first and PARAM_SLICE_MAPPINGS in first:
-        return _bf16_optimizer_weights(path, optim, states)
+        return _sliced_master_weights(path, optim, states, first)
+    if zero_stage is not None:  # a ZeRO-1/2 state without a slice map (an older DeepSpeed's)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag, lazy_mode=True)
     raise InputError(f"checkpoint {path}: {optim[0].name} is neither a ZeRO nor a bf16-optimizer state; "
                      "cannot find its fp32 master weights")
 
@@ -313,34 +329,105 @@ def _master_weights(root: Path, tag: str, path: Path, states: Mapping[str, Any])
 class _Fragments:
     """One parameter put together from its slices of each rank's flat fp32 partition."""
 
-    def __init__(self, name: str, pieces: list[torch.Tensor], shape: Iterable[int]):
-        self.name, self.pieces, self.shape, self.dtype = name, pieces, torch.Size(shape), torch.float32
+    def __init__(self, name: str, pieces: list[torch.Tensor], shape: Iterable[int], dtype: torch.dtype):
+        self.name, self.pieces, self.shape, self.dtype = name, pieces, torch.Size(shape), dtype
 
     def contiguous(self) -> torch.Tensor:
-        flat = torch.cat(self.pieces) if len(self.pieces) != 1 else self.pieces[0]  # a view: no copy
+        if not self.pieces:
+            flat = torch.empty(0, dtype=self.dtype)
+        else:  # one piece: a view of the memory-mapped partition, no copy
+            flat = torch.cat(self.pieces) if len(self.pieces) != 1 else self.pieces[0]
         if flat.numel() != self.shape.numel():
-            raise InputError(f"bf16 optimizer state holds {flat.numel()} values of {self.name}, its shape "
+            raise InputError(f"the optimizer state holds {flat.numel()} values of {self.name}, its shape "
                              f"{tuple(self.shape)} needs {self.shape.numel()}")
         return flat.view(self.shape)
 
 
-def _bf16_optimizer_weights(path: Path, optim: list[Path], states: Mapping[str, Any]) -> dict[str, LazyTensor]:
-    """The fp32 masters of DeepSpeed's BF16_Optimizer (bf16 at ZeRO-1): each rank's file holds its
-    partition of every flat parameter group and, per parameter, where its slice sits in it."""
-    from deepspeed.checkpoint.constants import PARAM_SLICE_MAPPINGS, PARTITION_COUNT, SINGLE_PARTITION_OF_FP32_GROUPS
+def _sliced_master_weights(path: Path, optim: list[Path], states: Mapping[str, Any],
+                           first: Mapping[str, Any]) -> dict[str, LazyTensor]:
+    """The fp32 masters of DeepSpeed's ZeRO-1/2 optimizer and of its BF16_Optimizer (bf16 at ZeRO-1),
+    tensor by tensor. Each rank's file holds its partition of every flat parameter group
+    (``single_partition_of_fp32_groups``) and, per parameter, where its slice sits in it
+    (``param_slice_mappings``: start and numel in the partition). A parameter is the concatenation
+    of its slices in rank order, materialised only when the writer asks for it.
 
-    shapes = {name: shape for group in states["param_shapes"] for name, shape in group.items()}
-    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
-    for i, f in enumerate(optim):
-        osd = safe_load(f)["optimizer_state_dict"]
+    The slice map is checked against the layout DeepSpeed's ``zero_to_fp32`` reconstructs from
+    (the model states' ``param_shapes`` in order, each followed by its ``param_alignment_paddings``,
+    the group split into equal partitions of ``numel + group_paddings`` values: ZeRO-1/2 saves each
+    partition without its trailing padding, the bf16 optimizer with it). Where they disagree the
+    layout is used, so the tensors are always the ones ``get_fp32_state_dict_from_zero_checkpoint``
+    returns. ZeRO-2's frozen parameters come from the model states (``frozen_param_fragments``), as
+    there."""
+    from deepspeed.checkpoint.constants import (FROZEN_PARAM_FRAGMENTS, GROUP_PADDINGS, PARAM_ALIGNMENT_PADDINGS,
+                                                PARAM_SLICE_MAPPINGS, PARTITION_COUNT, SINGLE_PARTITION_OF_FP32_GROUPS,
+                                                ZERO_STAGE)
+
+    world = len(optim)
+    ranks = [_rank_of(f) for f in optim]
+    if ranks != list(range(world)):
+        raise InputError(f"checkpoint {path}: optimizer files of ranks {ranks}, expected 0..{world - 1}")
+    param_shapes = states.get("param_shapes")
+    if not param_shapes:
+        raise InputError(f"checkpoint {path}: the model states hold no param_shapes")
+    osds = [first] + [safe_load(f)["optimizer_state_dict"] for f in optim[1:]]  # memory-mapped
+    unpadded = ZERO_STAGE in first  # ZeRO-1/2 drops each partition's trailing padding; BF16_Optimizer keeps it
+    alignment = first.get(PARAM_ALIGNMENT_PADDINGS)
+    for f, osd in zip(optim, osds):
         counts = osd[PARTITION_COUNT]
-        count = max(counts) if isinstance(counts, (list, tuple)) else int(counts)
-        if count != len(optim):
-            raise InputError(f"checkpoint {path} holds {len(optim)} optimizer files, {f.name} says {count} ranks wrote it")
-        for flat, mapping in zip(osd[SINGLE_PARTITION_OF_FP32_GROUPS], osd[PARAM_SLICE_MAPPINGS]):
-            for name, where in mapping.items():
-                pieces[name].append(flat.narrow(0, int(where.start), int(where.numel)))
-    return {name: _Fragments(name, pieces[name], shape) for name, shape in shapes.items()}
+        counts = {int(c) for c in counts} if isinstance(counts, (list, tuple)) else {int(counts)}
+        if counts != {world}:  # (an expert group partitioned over fewer ranks would show here too)
+            raise InputError(f"checkpoint {path} holds {world} optimizer files, {f.name} says "
+                             f"{' or '.join(map(str, sorted(counts)))} ranks wrote it")
+        if not len(osd[SINGLE_PARTITION_OF_FP32_GROUPS]) == len(osd[PARAM_SLICE_MAPPINGS]) == len(param_shapes):
+            raise InputError(f"checkpoint {path}: {f.name} holds {len(osd[SINGLE_PARTITION_OF_FP32_GROUPS])} "
+                             f"parameter groups, the model states {len(param_shapes)}")
+
+    pieces: dict[str, list[torch.Tensor]] = {}
+    shapes: dict[str, torch.Size] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for g, group in enumerate(param_shapes):
+        flats = [osd[SINGLE_PARTITION_OF_FP32_GROUPS][g] for osd in osds]
+        sizes = {flat.numel() + (int(osd[GROUP_PADDINGS][g]) if unpadded else 0) for flat, osd in zip(flats, osds)}
+        if len(sizes) != 1:
+            raise InputError(f"checkpoint {path}: the ranks' partitions of parameter group {g} differ in size {sizes}")
+        size = sizes.pop()
+        paddings = alignment[g] if alignment is not None else [0] * len(group)
+        if len(paddings) != len(group):
+            raise InputError(f"checkpoint {path}: {len(paddings)} alignment paddings for the {len(group)} "
+                             f"parameters of group {g}")
+        need = sum(math.prod(shape) for shape in group.values()) + sum(int(p) for p in paddings)
+        if need > size * world:
+            raise InputError(f"checkpoint {path}: parameter group {g} needs {need} values, the {world} partitions "
+                             f"hold {size * world}")
+        # The layout: where each parameter's slices sit in which rank's partition.
+        layout: list[dict[str, tuple[int, int]]] = [{} for _ in range(world)]
+        offset = 0
+        for (name, shape), padding in zip(group.items(), paddings):
+            numel = math.prod(shape)
+            for r in range(offset // size, -(-(offset + numel) // size)) if numel else ():
+                begin, end = max(offset, r * size), min(offset + numel, (r + 1) * size)
+                layout[r][name] = (begin - r * size, end - begin)
+            shapes[name], dtypes[name] = torch.Size(shape), flats[0].dtype
+            offset += numel + int(padding)
+        mapped = [{name: (int(w.start), int(w.numel)) for name, w in osd[PARAM_SLICE_MAPPINGS][g].items()}
+                  for osd in osds]
+        if mapped == layout:
+            layout = mapped  # the same slices, read by the optimizer's own map
+        else:
+            log.warning("checkpoint %s: the optimizer's slice map of parameter group %d disagrees with the order of "
+                        "param_shapes (round_robin_gradients?): reading the parameters by param_shapes, as "
+                        "DeepSpeed's zero_to_fp32 does", path, g)
+        for r, (flat, where) in enumerate(zip(flats, layout)):
+            for name, (start, numel) in where.items():
+                if start + numel > flat.numel():
+                    raise InputError(f"checkpoint {path}: rank {r} holds {flat.numel()} values of parameter group "
+                                     f"{g}, {name} needs {start + numel}")
+                pieces.setdefault(name, []).append(flat.narrow(0, start, numel))
+    state: dict[str, LazyTensor] = {name: _Fragments(name, pieces.get(name, []), shape, dtypes[name])
+                                    for name, shape in shapes.items()}
+    for name, value in (states.get(FROZEN_PARAM_FRAGMENTS) or {}).items():
+        state.setdefault(name, value)  # ZeRO-2 saves the parameters outside the optimizer (frozen) whole
+    return state
 
 
 def _checkpoint_record(run_dir: Path, states: Mapping[str, Any]) -> dict[str, Any]:
