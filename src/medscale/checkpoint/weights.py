@@ -40,7 +40,6 @@ MODEL_FILE, PREPROCESS_FILE = "model.pt", "preprocess.json"
 def preprocess_record(cfg: RunConfig, class_names: list[str]) -> dict[str, Any]:
     """How inputs must be prepared for these weights, and how their outputs read."""
     m, d = cfg.model, cfg.data
-    threshold = cfg.eval.threshold if cfg.eval.threshold is not None else None
     return {
         "version": PREPROCESS_VERSION,
         "model": {"name": m.name, "num_classes": m.num_classes, "patch_size": m.patch_size,
@@ -53,7 +52,7 @@ def preprocess_record(cfg: RunConfig, class_names: list[str]) -> dict[str, Any]:
         "task": cfg.train.task,
         "class_names": list(class_names),
         # None: 0.5, or argmax for multiclass with more than two classes (eval.threshold's default).
-        "threshold": threshold,
+        "threshold": cfg.eval.threshold,
     }
 
 

@@ -84,7 +84,7 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        # Only flags here: no I/O beyond an async-signal-safe write, no collectives, no locks.
+        # Only flags here: no I/O, no collectives, no locks (the save happens at the step boundary).
         self.count += 1
         if self.signum is None:
             self.signum = signum
