@@ -480,3 +480,23 @@ def test_training_epochs_end_on_whole_optimizer_steps(shard_factory):
     assert one.remaining_batches() == 2 and sum(len(b) for b in keys_of(one)) == 8
     with pytest.raises(ValueError, match="fewer than one global micro-batch.*x 2 accumulated"):
         ShardStream(str(root), "train", cfg(), micro_batch=10, world=2, accumulation=2)
+
+
+def test_workers_ignore_stop_signals_so_the_main_process_can_save(shard_factory):
+    # scancel and Slurm's warnings signal every process of a job step, loader workers included; a
+    # worker killed by SIGTERM used to make the next batch raise before the rank could save.
+    import os
+    import signal
+
+    import psutil
+
+    _, root = shard_factory({"train": [40]})
+    s = ShardStream(str(root), "train", cfg(1), micro_batch=2, seed=3)
+    it = iter(make_loader(s))
+    next(it)
+    workers = psutil.Process().children()
+    assert workers, "the loader started no worker process"
+    for w in workers:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+            os.kill(w.pid, sig)
+    assert len(list(it)) == s.batches_per_epoch() - 1

@@ -59,6 +59,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 from typing import Any, Iterator
 
 import numpy as np
@@ -562,7 +563,8 @@ class StreamLoader(DataLoader):
     def __init__(self, stream: ShardStream):
         workers = stream.cfg.num_workers
         super().__init__(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                         prefetch_factor=_PREFETCH if workers else None, in_order=True)
+                         prefetch_factor=_PREFETCH if workers else None, in_order=True,
+                         worker_init_fn=_ignore_stop_signals if workers else None)
         self.stream = stream
 
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
@@ -571,6 +573,21 @@ class StreamLoader(DataLoader):
         for index, batch in enumerate(super().__iter__()):
             stream._consumed(batch["stats"], index, total)
             yield _tensors(batch, stream.task)
+
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In each loader worker: stop signals are the main process's business.
+
+    `scancel`, a time limit or a preemption signal every process of a Slurm step, workers included;
+    a worker that died of SIGTERM makes the main process raise "DataLoader worker is killed by
+    signal" before it could save. Ignoring them here lets the main process stop at the step
+    boundary; the workers still end with it (the loader's sentinel, or its death).
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_loader(stream: ShardStream) -> StreamLoader:
