@@ -97,7 +97,32 @@ def simulate_kill_after(out: Path, step: int) -> None:
     torn = ckpts / f"step{step + 1:08d}"
     shutil.copytree(ckpts / f"step{step:08d}", torn)
     (torn / "complete.json").unlink()
-    for f in ("model.pt", "eval.json"):
+    for f in ("model.pt", "eval.json", "done.json"):
         (out / f).unlink()
     rows = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line).get("step", 0) <= step]
     (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of RUN_DIR/metrics.jsonl so far (a line still being written is skipped)."""
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line being written
+    return rows
+
+
+def last_step(run_dir: Path) -> int:
+    return max((r["step"] for r in metric_rows(run_dir) if "train/loss" in r), default=0)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss by step from metrics.jsonl; each step must appear once."""
+    rows = [r for r in metric_rows(run_dir) if "train/loss" in r]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"steps logged more than once in {run_dir}: {sorted(steps)}"
+    return {r["step"]: r["train/loss"] for r in rows}

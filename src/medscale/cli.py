@@ -84,16 +84,40 @@ def _recipe_relative(recipe: str | None, path: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(RunConfig, args.config, args.overrides)
+    if args.get:
+        for key in args.get:  # for batch scripts: the resolved value of a key, one per line
+            print(_resolved(cfg, key))
+        return 0
     from medscale.dist import launched, relaunch
 
     if not launched() and cfg.dist.nproc > 1:
         return relaunch(cfg, ["train"])
+    from medscale.train.preemption import StopRequest
+
+    # Before torch and DeepSpeed are imported (seconds): a warning signal that arrives while this rank
+    # starts up is then a clean stop at the first step, not death by the signal's default action.
+    stop = StopRequest(cfg.checkpoint.every_minutes).install()
     from medscale.dist import shutdown
     from medscale.train.loop import run
 
-    code = run(cfg)
+    code = run(cfg, stop)
     shutdown()  # before interpreter exit, or gloo may abort a rank that has finished (see shutdown)
     return code
+
+
+def _resolved(cfg: RunConfig, key: str) -> str:
+    from medscale.config import to_dict
+
+    value: object = to_dict(cfg)
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError(f"--get {key}: no such config key")
+        value = value[part]
+    if isinstance(value, (dict, list)):
+        import json
+
+        return json.dumps(value)
+    return str(value)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -187,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "launcher.")
     pt.add_argument("--config", required=True, help="run config YAML, or a packaged one such as configs/demo.yaml")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
+    pt.add_argument("--get", action="append", metavar="KEY",
+                    help="print the resolved value of a config key (e.g. out_dir) and exit; repeatable")
     pt.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # some launchers pass it
     pt.set_defaults(func=cmd_train)
 
@@ -242,6 +268,23 @@ def _resolve_resources(args: argparse.Namespace) -> None:
             setattr(args, attr, str(resolve_resource(getattr(args, attr), kind, f"--{attr}")))
 
 
+def _pin_build_environment() -> None:
+    """One ninja and one extension cache for every medscale process of this environment.
+
+    DeepSpeed JIT-builds an op at start-up into torch's extension cache. Processes that find
+    different ninja versions on PATH (a job under srun with the venv on PATH, a launcher run without
+    it) take each other's build as stale and rebuild it, 25-70 s at every start (measured on this
+    project's CI machine). So the interpreter's own bin directory goes first on PATH, and inside a
+    virtual environment the cache lives in it, unless TORCH_EXTENSIONS_DIR is set.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done, 2 bad config or input (one line), 1 anything else.
 
@@ -250,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     to user errors too.
     """
     args = build_parser().parse_args(argv)
+    _pin_build_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         _resolve_resources(args)

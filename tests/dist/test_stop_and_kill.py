@@ -28,6 +28,9 @@ import pytest
 import torch
 import yaml
 
+from conftest import last_step as _last_step
+from conftest import losses as _losses
+from conftest import metric_rows as _rows
 from conftest import subprocess_env, write_shards
 from medscale.dist import free_port
 
@@ -59,30 +62,6 @@ def _config(tmp: Path, shards: Path, **checkpoint) -> Path:
     path = tmp / f"run{len(list(tmp.glob('run*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def _rows(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written
-    return rows
-
-
-def _losses(out: Path) -> dict[int, float]:
-    rows = [r for r in _rows(out) if "train/loss" in r]
-    steps = [r["step"] for r in rows]
-    assert len(steps) == len(set(steps)), f"steps logged more than once: {sorted(steps)}"
-    return {r["step"]: r["train/loss"] for r in rows}
-
-
-def _last_step(out: Path) -> int:
-    return max((r["step"] for r in _rows(out) if "train/loss" in r), default=0)
 
 
 def _start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:

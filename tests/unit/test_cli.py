@@ -98,3 +98,28 @@ def test_subprocess_bad_value_exits_2(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "medscale train: error:" in r.stderr and "train.lr" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_get_prints_resolved_values_for_batch_scripts_and_trains_nothing(tmp_path, capsys):
+    # slurm/train.sbatch asks for the run directory and the step count this way.
+    assert main(["train", "--config", DEMO, f"out_dir={tmp_path}/r", "train.steps=7", "--get", "out_dir",
+                 "--get", "train.steps"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{tmp_path}/r", "7"]
+    assert not (tmp_path / "r").exists()
+    assert main(["train", "--config", DEMO, "--get", "train.nope"]) == 2
+    assert "--get train.nope: no such config key" in capsys.readouterr().err
+
+
+def test_one_ninja_and_one_extension_cache_per_environment(monkeypatch):
+    # Processes with and without the venv on PATH used to rebuild DeepSpeed's JIT op for each other.
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    medscale.cli._pin_build_environment()
+    import os
+
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    if sys.prefix != sys.base_prefix:
+        assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")
+    medscale.cli._pin_build_environment()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/somewhere/else"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -17,6 +19,7 @@ from medscale.config import RunConfig, save_config, to_dict
 from medscale.data.loader import ShardStream, make_loader
 from medscale.dist import DistInfo, barrier, init_distributed
 from medscale.eval.evaluate import save_result
+from medscale.files import atomic_write
 from medscale.formats.manifest import load_manifest
 from medscale.train.ema import ModelEma
 from medscale.train.engine import build_engine, input_dtype
@@ -26,23 +29,27 @@ from medscale.train.tasks import Task, build_task
 from medscale.train.throughput import Throughput, device_peak_tflops, flops_per_sample
 from medscale.train.tracking import Tracker, setup_logging
 
-__all__ = ["run", "train", "train_step", "MicroStep", "seed_everything", "EXIT_DONE", "EXIT_REQUEUE"]
+__all__ = ["run", "train", "train_step", "MicroStep", "seed_everything", "EXIT_DONE", "EXIT_REQUEUE", "DONE_FILE"]
 
 log = logging.getLogger("medscale.train")
 
 EXIT_DONE = 0  # the run trained all its steps and evaluated
+DONE_FILE = "done.json"
+"""Written by rank 0 last, after eval.json: the run finished `step` steps. Batch scripts read it so
+that a requeued or chained job never trains a finished run again."""
 
 
-def run(cfg: RunConfig) -> int:
+def run(cfg: RunConfig, stop: StopRequest | None = None) -> int:
     """`medscale train` on this rank: train, then return the process's exit code (EXIT_DONE, or
     EXIT_REQUEUE after a stop signal: a checkpoint was saved, run the same command again)."""
-    return EXIT_DONE if train(cfg) is not None else EXIT_REQUEUE
+    return EXIT_DONE if train(cfg, stop) is not None else EXIT_REQUEUE
 
 
-def train(cfg: RunConfig) -> dict[str, Any] | None:
-    """Train, evaluate on the held-out test split, write eval.json; returns the test metrics, or None
-    when a stop signal ended the run early (after every rank saved the same checkpoint)."""
-    stop = StopRequest(cfg.checkpoint.every_minutes).install()  # first: a signal from now on is a clean stop
+def train(cfg: RunConfig, stop: StopRequest | None = None) -> dict[str, Any] | None:
+    """Train, evaluate on the held-out test split, write eval.json and done.json; returns the test
+    metrics, or None when a stop signal ended the run early (after every rank saved the same
+    checkpoint). `stop`: handlers installed earlier by the caller (else installed here)."""
+    stop = stop or StopRequest(cfg.checkpoint.every_minutes).install()  # first: from now on a signal is a clean stop
     dist = init_distributed(cfg.dist.timeout_minutes)
     stop.world = dist.world
     setup_logging(dist.rank)
@@ -106,6 +113,7 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
     result = _evaluate(task, engine, ema, cfg, manifest, dist, cfg.data.test_split, tracker, state.step)
     if dist.is_main:
         save_result(result, run_dir / "eval.json")
+        atomic_write(run_dir / DONE_FILE, json.dumps({"step": state.step, "time": time.time()}))
     tracker.summary({f"test/{k}": v for k, v in result.items()})
     tracker.close()
     barrier()
@@ -164,6 +172,7 @@ def _prepare_run_dir(cfg: RunConfig, dist: DistInfo) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this start continues whatever stopped before
+        (run_dir / DONE_FILE).unlink(missing_ok=True)  # written again when this start finishes
     barrier()
     return run_dir
 

@@ -26,9 +26,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, NamedTuple
 
-import torch
-import torch.distributed as torch_dist
-
 from medscale.files import atomic_write
 
 __all__ = ["STOP_SIGNALS", "EXIT_REQUEUE", "StopRequest", "Decision", "relay_signals", "STOPPED_FILE"]
@@ -101,6 +98,9 @@ class StopRequest:
         """The decision every rank takes after an optimizer step (a collective: every rank calls it)."""
         due = bool(self.every_s) and time.monotonic() - self.last_save >= self.every_s
         flags = [float(self.requested), float(due)]
+        import torch  # here, not at the top: the CLI installs the handlers before torch is imported
+        import torch.distributed as torch_dist
+
         if self.world > 1 and torch_dist.is_available() and torch_dist.is_initialized():
             from medscale.dist import cpu_group
 
