@@ -67,22 +67,36 @@ def subprocess_env(drop_prefixes: tuple[str, ...] = ("SLURM_",), **extra: str) -
 
 def read_wandb_run(wandb_dir: Path) -> dict[str, Any]:
     """The one offline run under `wandb_dir`, read with wandb's CLI: run id, config, history by step, summary."""
-    files = sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(files) == 1, files
-    cmd = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(files[0])]
-    records = [json.loads(line) for line in subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                                           timeout=60).stdout.splitlines() if line.strip()]
-    run = next(r["run"] for r in records if r["type"] == "run")
-    config = dict(run.get("config", {}).get("update", {}))
-    summary: dict[str, Any] = {}
-    for r in records:
-        if r["type"] == "config":
-            config.update(r["config"].get("update", {}))
-        if r["type"] == "summary":
-            summary.update(r["summary"].get("update", {}))
-    history = {int(r["history"]["step"]["num"]): r["history"]["item"] for r in records if r["type"] == "history"}
-    return {"id": run["run_id"], "project": run.get("project"), "name": run.get("display_name"),
-            "config": config, "history": history, "summary": summary}
+    runs = read_wandb_runs(wandb_dir)
+    assert len(runs) == 1, [r["file"] for r in runs]
+    return runs[0]
+
+
+def read_wandb_runs(wandb_dir: Path) -> list[dict[str, Any]]:
+    """Every offline run folder under `wandb_dir` (one per start of a run), oldest first, each read with
+    wandb's CLI (``wandb leet inspect --json``): run id, config, history by step, summary."""
+    runs = []
+    for file in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        cmd = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(file)]
+        records = [json.loads(line) for line in subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                                               timeout=60).stdout.splitlines() if line.strip()]
+        # A start killed with -9 may leave a file with no records at all: its folder still names the id.
+        run = next((r["run"] for r in records if r["type"] == "run"), {"run_id": file.stem.removeprefix("run-")})
+        config = dict(run.get("config", {}).get("update", {}))
+        summary: dict[str, Any] = {}
+        for r in records:
+            if r["type"] == "config":
+                config.update(r["config"].get("update", {}))
+            if r["type"] == "summary":
+                summary.update(r["summary"].get("update", {}))
+        history: dict[int, dict[str, Any]] = {}
+        for r in records:
+            if r["type"] == "history":
+                history.setdefault(int(r["history"]["step"]["num"]), {}).update(r["history"]["item"])
+        runs.append({"id": run["run_id"], "project": run.get("project"), "name": run.get("display_name"),
+                     "group": run.get("run_group"), "config": config, "history": history, "summary": summary,
+                     "file": file})
+    return runs
 
 
 def simulate_kill_after(out: Path, step: int) -> None:

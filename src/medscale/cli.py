@@ -1,4 +1,4 @@
-"""The `medscale` command: prep, train, eval, export, inspect, demo.
+"""The `medscale` command: prep, train, eval, export, report, inspect, demo.
 
 Configs are resolved and checked here, before any worker or rank is started, so a typo or a
 bad value fails in a second with a message naming the key instead of minutes into a job.
@@ -150,6 +150,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from medscale.report import write_report
+
+    path = write_report(args.run, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # inspect / demo
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write model.onnx (dynamic batch) and check it with ONNX Runtime (tolerance 1e-4)")
     px.set_defaults(func=cmd_export)
 
+    pw = sub.add_parser("report", help="figures and one self-contained HTML page of a run",
+                        description="Draw RUN_DIR's training curves, evaluation metrics, ROC/PR curves, calibration, "
+                        "confusion matrix and sample images as PNGs, and write DIR/report.html with every figure "
+                        "embedded.")
+    pw.add_argument("run", metavar="RUN_DIR", help="run directory written by medscale train")
+    pw.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/report)")
+    pw.set_defaults(func=cmd_report)
+
     pi = sub.add_parser("inspect", help="summarise shards, verify checksums, dump sample PNGs",
                         description="Print the manifest summary of a prep output; --verify checks every shard's "
                         "sha256; --dump N writes N samples as 8-bit PNG previews.")
@@ -294,7 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     _pin_build_environment()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from medscale.logs import setup_logging
+
+    setup_logging()  # once per process, the rank taken from the launcher's variables
     try:
         _resolve_resources(args)
         return args.func(args)

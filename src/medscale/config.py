@@ -229,6 +229,9 @@ class LoggingConfig:
     """W&B project."""
     run_name: str = ""
     """W&B run name (default: the run directory's name)."""
+    group: str = ""
+    """W&B group (default: WANDB_RUN_GROUP, else the run directory's name: every start and every
+    job of a Slurm chain of one run share it)."""
 
 
 @dataclass

@@ -180,6 +180,12 @@ def run_demo(out: Path, config: str | None = None, overrides: Sequence[str] = ()
         train(cfg)
     times["train_eval_s"] = time.perf_counter() - t
 
+    t = time.perf_counter()
+    from medscale.report import write_report
+
+    report = write_report(out / "run")
+    times["report_s"] = time.perf_counter() - t
+
     result = json.loads((out / "run" / "eval.json").read_text())
     print("\n=== medscale demo ===")
     print_manifest_summary(manifest)
@@ -189,4 +195,5 @@ def run_demo(out: Path, config: str | None = None, overrides: Sequence[str] = ()
     summary = {**times, "total_s": sum(times.values()), "auroc": result["auroc"], "accuracy": result["accuracy"],
                "n_samples": result["n_samples"], "ranks": cfg.dist.nproc, "steps": cfg.train.steps}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"report: {report}")
     return 0

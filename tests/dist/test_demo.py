@@ -42,3 +42,31 @@ def test_demo_tiny_through_deepspeed_launcher(tmp_path):
     ds = pydicom.dcmread(first)
     for value in (ds.PatientBirthDate, ds.StudyInstanceUID, ds.SOPInstanceUID, ds.AccessionNumber):
         assert not any(str(value).encode() in b for b in blobs), value
+
+    # the demo ends with the run's report: every figure a non-blank PNG, each embedded in the page
+    import base64
+    import io
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    report = out / "run" / "report" / "report.html"
+    assert f"report: {report}" in r.stdout
+    pngs = sorted(report.parent.glob("*.png"))
+    names = {p.stem for p in pngs}
+    assert {"loss_lr", "throughput", "roc", "pr", "calibration", "confusion", "samples"} <= names, names
+    for png in pngs:
+        image = np.asarray(Image.open(png).convert("L"))
+        assert image.shape[0] >= 200 and image.shape[1] >= 300, (png.name, image.shape)
+        assert image.std() > 5, f"{png.name} is blank"
+    page = report.read_text()
+    embedded = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    assert sorted(embedded) == sorted(p.read_bytes() for p in pngs)
+    for e in embedded:
+        Image.open(io.BytesIO(e)).verify()
+    assert "<table" in page and "auroc" in page.lower()
+    # nothing of a patient's identity in the report either
+    for path in [report, *pngs, *(out / "run").glob("*samples.npz")]:
+        for secret in (b"MRN100003", b"DOE^", b"Demo General Hospital"):
+            assert secret not in path.read_bytes(), (path.name, secret)

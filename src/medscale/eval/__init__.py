@@ -1,2 +1,3 @@
 """Evaluation: gather de-duplicated predictions from every rank, score them with medical metrics,
-save them to the run directory. Nothing here prints; `medscale.report` renders results."""
+keep curve data and a few sample images, save them to the run directory. Nothing here prints or
+draws; `medscale.report` renders results."""

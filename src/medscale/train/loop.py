@@ -27,7 +27,8 @@ from medscale.train.numerics import NumericsGuard
 from medscale.train.preemption import EXIT_REQUEUE, STOPPED_FILE, StopRequest
 from medscale.train.tasks import Task, build_task
 from medscale.train.throughput import Throughput, device_peak_tflops, flops_per_sample
-from medscale.train.tracking import Tracker, setup_logging
+from medscale.logs import Progress
+from medscale.train.tracking import Tracker
 
 __all__ = ["run", "train", "train_step", "MicroStep", "seed_everything", "EXIT_DONE", "EXIT_REQUEUE", "DONE_FILE"]
 
@@ -52,7 +53,6 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> dict[str, Any] | N
     stop = stop or StopRequest(cfg.checkpoint.every_minutes).install()  # first: from now on a signal is a clean stop
     dist = init_distributed(cfg.dist.timeout_minutes)
     stop.world = dist.world
-    setup_logging(dist.rank)
     run_dir = _prepare_run_dir(cfg, dist)
     seed_everything(cfg.train.seed)  # same initial weights on every rank
 
@@ -79,6 +79,8 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> dict[str, Any] | N
 
     losses: list[float] = []
     stopped = False
+    bar = Progress(cfg.train.steps, initial=state.step, desc="train", unit="step", enabled=dist.is_main,
+                   samples_per_unit=cfg.train.micro_batch_size * dist.world * engine.gradient_accumulation_steps())
     while state.step < cfg.train.steps and not stopped:
         stream.set_epoch(state.epoch)
         for batch in meter.batches(make_loader(stream)):
@@ -88,6 +90,7 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> dict[str, Any] | N
             if not out.stepped:
                 continue  # DeepSpeed steps the optimizer only at accumulation boundaries
             state.step += 1
+            bar.update(loss=f"{losses[-1]:.4f}" if losses else "-")
             if ema is not None and engine.was_step_applied():
                 ema.update()
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
@@ -105,6 +108,7 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> dict[str, Any] | N
                 break
         else:
             state.epoch += 1  # the epoch ran out (not a break at the last step)
+    bar.close()
 
     if stopped:
         return _stop(stop, tracker, run_dir, dist, state.step, checkpointer.newest())
@@ -212,4 +216,5 @@ def _evaluate(task: Task, engine: Any, ema: ModelEma | None, cfg: RunConfig, man
     level = result.get(f"{cfg.eval.aggregate}_level", {})
     tracker.log(step, {**result, **{f"{cfg.eval.aggregate}_level/{k}": v for k, v in level.items()}},
                 prefix=f"{split}/")
+    tracker.log_figures(step, split, result)
     return result
