@@ -31,7 +31,6 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import numpy as np
 from medscale.config import to_dict
 from medscale.errors import ConfigError, InputError, InputNotFound
 from medscale.files import atomic_write
+from medscale.logs import on_terminal
 from medscale.formats.codec import encode_pixels, extension_for
 from medscale.formats.manifest import build_manifest, write_manifest
 from medscale.formats.sample import UNLABELED, encode_sample
@@ -398,7 +398,7 @@ def run_prep(job: PrepJob, *, progress: bool | None = None) -> dict[str, Any] | 
     todo_inputs = sum(len(c[1]) for c in chunks)
     log.info("prep: %d inputs, %d chunks for this task (%d already done)", len(sources), len(chunks),
              len([i for i in range(plan["chunks"]) if i % job.num_tasks == job.task_index]) - len(chunks))
-    _run_chunks(job, labels, splits, chunks, todo_inputs, progress if progress is not None else sys.stderr.isatty())
+    _run_chunks(job, labels, splits, chunks, todo_inputs, progress if progress is not None else on_terminal())
     if job.num_tasks == 1:
         return merge(job.out)
     return None

@@ -77,25 +77,27 @@ class Tracker:
         self._started = True
         if not self.is_main:
             return
-        self._drop_rows_after(resumed_at)
+        kept = self._drop_rows_after(resumed_at)
         self._file = open(self.run_dir / METRICS_FILE, "a")
         if self.cfg.wandb:
             try:
                 self._start_wandb()
-                self._backfill_wandb()
+                self._backfill_wandb(kept)
             except Exception as e:  # noqa: BLE001 - W&B must never stop a run; metrics.jsonl has it all
                 self._run = None
                 self._wandb_failed(e)
 
-    def _drop_rows_after(self, resumed_at: float | None) -> None:
+    def _drop_rows_after(self, resumed_at: float | None) -> list[str]:
+        """Keep the rows written before the checkpoint this start resumed from; returns them."""
         path = self.run_dir / METRICS_FILE
         if not path.exists():
-            return
+            return []
         lines = path.read_text().splitlines()
         kept = [line for line in lines if resumed_at is not None and _row_time(line) <= resumed_at]
         if len(kept) != len(lines):
             log.info("metrics.jsonl: dropped %d rows of steps that run again after the resume", len(lines) - len(kept))
             atomic_write(path, "".join(line + "\n" for line in kept))
+        return kept
 
     def _start_wandb(self) -> None:
         import wandb
@@ -140,8 +142,8 @@ class Tracker:
         else:
             log.info("W&B run %s (project %s)", self.wandb_id, self._run.project)
 
-    def _backfill_wandb(self) -> None:
-        """Give W&B the steps it lost, from metrics.jsonl, and never a step it already has.
+    def _backfill_wandb(self, kept: list[str]) -> None:
+        """Give W&B the steps it lost, from the kept rows of metrics.jsonl, and never a step it has.
 
         After a kill -9, W&B holds a different set of steps than the checkpoint covers: offline,
         wandb-core dies with the trainer and loses what it had not written (often the whole
@@ -154,7 +156,7 @@ class Tracker:
             return
         self._wandb_floor = self._wandb_has()
         pending: dict[int, dict[str, Any]] = {}
-        for line in (self.run_dir / METRICS_FILE).read_text().splitlines() if (self.run_dir / METRICS_FILE).exists() else []:
+        for line in kept:
             try:
                 row = json.loads(line)
             except ValueError:
