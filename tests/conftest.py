@@ -140,3 +140,25 @@ def losses(run_dir: Path) -> dict[int, float]:
     steps = [r["step"] for r in rows]
     assert len(steps) == len(set(steps)), f"steps logged more than once in {run_dir}: {sorted(steps)}"
     return {r["step"]: r["train/loss"] for r in rows}
+
+
+# /dev/shm is RAM: DeepSpeed's CPU all-reduce buffers (66 MB a rank) left by runs filled 17 GB in
+# one CI run and got it OOM-killed. Any left by this session's runs fail it (and are removed).
+_SHM_GLOB = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"
+
+
+def pytest_sessionstart(session):
+    import glob
+
+    session.config._shm_before = set(glob.glob(_SHM_GLOB))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import glob
+
+    left = sorted(set(glob.glob(_SHM_GLOB)) - getattr(session.config, "_shm_before", set()))
+    for f in left:
+        os.unlink(f)
+    if left:
+        print(f"\nruns left DeepSpeed shared-memory buffers in /dev/shm (removed): {left}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

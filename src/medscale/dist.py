@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import subprocess
@@ -108,7 +109,35 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         torch.cuda.set_device(local % torch.cuda.device_count())  # before NCCL binds a device
     if not torch_dist.is_initialized():
         deepspeed.init_distributed(dist_backend=None, verbose=False, timeout=timedelta(minutes=timeout_minutes))
+        _release_shm_buffer_name()
     return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), local)
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_buffer_path(rank: int) -> str:
+    """Where DeepSpeed's CPU backend puts this run's shared all-reduce buffer for `rank`."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def _release_shm_buffer_name() -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer once every rank has mapped it.
+
+    On the CPU accelerator, when all ranks share a host, DeepSpeed creates a 66 MB file per rank
+    in /dev/shm and never unlinks it: every run, killed or finished, leaves them behind, and
+    /dev/shm is RAM (a test suite's 250 runs left 17 GB and were OOM-killed). The ranks map
+    each other's buffers during init, so after a barrier the names are no longer needed: the
+    mappings stay valid and the kernel frees the memory when the last rank exits, SIGKILL included.
+    """
+    if torch.cuda.is_available():
+        return  # NCCL: DeepSpeed's CPU shm op is not used
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    if world > 1:
+        torch_dist.barrier()  # every rank has finished mapping every buffer
+    with contextlib.suppress(FileNotFoundError):  # not created: ranks on several hosts, or no shm op
+        os.unlink(shm_buffer_path(rank))
 
 
 def free_port() -> int:
