@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Torch is installed first so that a CUDA build of your choice is kept, e.g.
 #   make venv TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch torchvision
-EXTRAS ?= dev,dicom,export
+EXTRAS ?= dev,dicom,ocr,export
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 

@@ -20,6 +20,8 @@ from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEG2000Lossless,
     JPEGExtended12Bit,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -252,6 +254,53 @@ def test_palette_color_to_rgb() -> None:
     assert not same.voi_applied and np.array_equal(same.pixels, img.pixels)  # VOI is grayscale only
 
 
+def big_endian_twin(src: Path, dst: Path) -> Path:
+    """`src` (Explicit VR Little Endian, 8-bit pixels) rewritten as Explicit VR Big Endian, as
+    dcmconv would: pydicom writes OB/OW values as they are, so the 16-bit LUT words are swapped
+    here; 8-bit pixels go as OB, which has no byte order."""
+    ds = pydicom.dcmread(src)
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian and ds.BitsAllocated == 8
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    for colour in ("Red", "Green", "Blue"):
+        keyword = f"{colour}PaletteColorLookupTableData"
+        setattr(ds, keyword, np.frombuffer(ds[keyword].value, "<u2").astype(">u2").tobytes())
+    ds["PixelData"].VR = "OB"
+    pydicom.dcmwrite(dst, ds, enforce_file_format=True)
+    return dst
+
+
+def test_big_endian_palette_matches_little_endian(tmp_path: Path) -> None:
+    # pydicom ships examples_palette.dcm only in little endian (OBXXXX1A_expb.dcm downloads).
+    little = sample_file("examples_palette.dcm")
+    big = big_endian_twin(little, tmp_path / "palette_expb.dcm")
+    assert pydicom.dcmread(big).original_encoding == (False, False)
+    (want,), (got,) = decode_file(little), decode_file(big)
+    assert got.photometric == "RGB" and got.pixels.dtype == want.pixels.dtype == np.uint16
+    assert np.array_equal(got.pixels, want.pixels)
+    assert len(np.unique(want.pixels.reshape(-1, 3), axis=0)) > 10  # a real palette, not a constant
+
+
+def test_big_endian_palette_twin_reads_the_same_in_gdcm(tmp_path: Path) -> None:
+    # The twin is built here, so check it with another toolkit: GDCM applies both files' palettes
+    # alike (to 8 bits, the high byte of each 16-bit entry).
+    gdcm = pytest.importorskip("gdcm")
+    little = sample_file("examples_palette.dcm")
+    big = big_endian_twin(little, tmp_path / "palette_expb.dcm")
+
+    def gdcm_rgb(path: Path) -> np.ndarray:
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(path))
+        assert reader.Read(), path
+        lut = gdcm.ImageApplyLookupTable()
+        lut.SetInput(reader.GetImage())
+        assert lut.Apply(), path
+        return np.frombuffer(lut.GetOutput().GetBuffer().encode("utf-8", "surrogateescape"), np.uint8)
+
+    (ours,) = decode_file(little)
+    assert np.array_equal(gdcm_rgb(big), gdcm_rgb(little))
+    assert np.array_equal(gdcm_rgb(big), (ours.pixels >> 8).astype(np.uint8).reshape(-1))
+
+
 # 6. Multi-frame as samples or as one volume.
 
 @pytest.mark.parametrize("name, shape", [("examples_ybr_color.dcm", (30, 240, 320, 3)),
@@ -329,23 +378,29 @@ def test_truncated_pixel_data_found_at_decode(tmp_path: Path) -> None:
     assert reason_of(path) == "truncated"
 
 
-def only_unavailable_plugins(uid: str, usable: set[str]) -> bool:
-    """True if none of the plugins that could decode `uid` is installed."""
-    return not set(get_decoder(uid).available_plugins) & usable
+def without_plugins(monkeypatch: pytest.MonkeyPatch, uid: str, *names: str) -> None:
+    """pydicom's decoder for `uid` as if the plugins `names` were not installed."""
+    decoder = get_decoder(uid)
+    monkeypatch.setattr(decoder, "_available", {k: v for k, v in decoder._available.items() if k not in names})
 
 
-@pytest.mark.parametrize("name, uid, usable, package", [
-    ("MR_small_jpeg_ls_lossless.dcm", JPEGLSLossless, {"pylibjpeg", "gdcm", "pyjpegls"}, "pylibjpeg-libjpeg"),
-    ("SC_rgb_jpeg_gdcm.dcm", JPEGLosslessSV1, {"pylibjpeg", "gdcm"}, "python-gdcm"),
-    ("JPGExtended.dcm", JPEGExtended12Bit, {"pylibjpeg"}, "pylibjpeg-libjpeg"),
+@pytest.mark.parametrize("name, uid, missing, package, extra", [
+    # Every permissive plugin of the syntax's row missing: the detail names what to install.
+    ("MR_small_jpeg_ls_lossless.dcm", JPEGLSLossless, ("pyjpegls", "gdcm", "pylibjpeg"), "pyjpegls", "dicom"),
+    ("SC_rgb_jpeg_gdcm.dcm", JPEGLosslessSV1, ("gdcm", "pylibjpeg"), "python-gdcm", "dicom"),
+    ("MR_small_jp2klossless.dcm", JPEG2000Lossless, ("pylibjpeg", "gdcm", "pillow"), "pylibjpeg-openjpeg", "dicom"),
+    # 12-bit JPEG Extended: only libjpeg can, so gdcm and Pillow being installed does not help.
+    ("JPGExtended.dcm", JPEGExtended12Bit, ("pylibjpeg",), "pylibjpeg-libjpeg", "dicom-gpl"),
+    ("JPEG-lossy.dcm", JPEGExtended12Bit, ("pylibjpeg",), "pylibjpeg-libjpeg", "dicom-gpl"),
 ])
-def test_decoder_missing_names_the_package(name: str, uid: str, usable: set[str], package: str) -> None:
-    if not only_unavailable_plugins(uid, usable):
-        pytest.skip(f"a decoder for {uid} is installed here")
+def test_decoder_missing_names_the_package(name: str, uid: str, missing: tuple[str, ...], package: str, extra: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    without_plugins(monkeypatch, uid, *missing)
     with pytest.raises(RejectedInput) as info:
         decode_file(sample_file(name))
     assert info.value.reason == "decoder_missing"
     assert package in info.value.detail and str(uid) in info.value.detail
+    assert f"medscale[{extra}]" in info.value.detail
 
 
 def test_malformed_data_is_decode_error(tmp_path: Path) -> None:

@@ -11,13 +11,43 @@ Modality LUT -> VOI LUT / window (only with ``voi="apply"``) -> MONOCHROME1 inve
   ``[lo, hi]``: integer, range-preserving, and undone exactly by the same formula.
 - Colour: pydicom converts YBR_FULL(_422) to RGB and reports the colour space it returns, so
   JPEG data a codec already returned as RGB is not converted twice. BitsStored masking and
-  sign extension are pydicom's, on decode.
+  sign extension are pydicom's, on decode. PALETTE COLOR lookup tables are read in the
+  file's byte order (`_palette_to_rgb`).
+
+Decoders (`_PLUGINS`): each compressed transfer syntax is decoded by the first installed
+pydicom plugin of its row, and only by that one: a file it fails on is rejected, never retried
+with another codec, so the pixels of a corpus do not depend on which other plugins happen to be
+installed. Permissive codecs come first; GPL pylibjpeg-libjpeg is used only where nothing
+permissive is installed, and is the only codec for 12-bit JPEG Extended. Pillow (a medscale
+dependency) before python-gdcm for 8-bit JPEG: gdcm 3.2 aborts the whole process on some
+corrupt baseline streams (an uncaught C++ exception), where Pillow raises; both give identical
+pixels on pydicom's test files.
+
+=========================================  ==========  ========================================
+Transfer syntax                            UID         Plugins, first installed wins
+=========================================  ==========  ========================================
+JPEG Baseline (Process 1)                  .4.50       pillow, gdcm, pylibjpeg (libjpeg)
+JPEG Extended, 8-bit (BitsStored 8)        .4.51       pillow, gdcm, pylibjpeg (libjpeg)
+JPEG Extended, 12-bit                      .4.51       pylibjpeg (libjpeg, medscale[dicom-gpl])
+JPEG Lossless (Process 14)                 .4.57       gdcm, pylibjpeg (libjpeg)
+JPEG Lossless SV1                          .4.70       gdcm, pylibjpeg (libjpeg)
+JPEG-LS Lossless / Near-Lossless           .4.80/81    pyjpegls, gdcm, pylibjpeg (libjpeg)
+JPEG 2000 Lossless / JPEG 2000             .4.90/91    pylibjpeg (openjpeg), gdcm, pillow
+HTJ2K (all three)                          .4.201-203  pylibjpeg (openjpeg)
+RLE Lossless                               .5          pylibjpeg (rle), pydicom (numpy)
+=========================================  ==========  ========================================
+
+pydicom logs a traceback for every plugin that fails on a file; prep rejects that file with a
+one-line reason instead, so those records are dropped unless debugging (`quiet_decoder_logs`).
 """
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +61,11 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
+from pydicom.pixels.decoders.base import Decoder
 
 from medscale.prep.errors import RejectedInput
 
-__all__ = ["DICOM_REJECT_REASONS", "RejectedInput", "DicomImage", "read_dicom", "decode_dicom"]
+__all__ = ["DICOM_REJECT_REASONS", "RejectedInput", "DicomImage", "read_dicom", "decode_dicom", "quiet_decoder_logs"]
 
 DICOM_REJECT_REASONS = frozenset({"not_dicom", "unreadable", "truncated", "empty", "no_pixel_data",
                                   "decoder_missing", "too_large", "unsupported", "decode_error"})
@@ -46,18 +77,35 @@ DICOM_REJECT_REASONS = frozenset({"not_dicom", "unreadable", "truncated", "empty
 # 512x512 CT).
 _DEFER_SIZE = "8 MB"
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-_OPENJPEG = "pylibjpeg-openjpeg (MIT, the medscale[dicom] extra)"
-_LIBJPEG = "pylibjpeg-libjpeg (GPLv3, the medscale[dicom-gpl] extra)"
+_DICOM_EXTRA = "the medscale[dicom] extra"
 _GDCM = "python-gdcm (Apache-2.0)"
-# Which optional package decodes what, for the detail of a decoder_missing rejection.
-_DECODER_HINTS = {
-    **dict.fromkeys([U.JPEG2000Lossless, U.JPEG2000, U.HTJ2KLossless, U.HTJ2KLosslessRPCL, U.HTJ2K], _OPENJPEG),
-    **dict.fromkeys([U.JPEGLossless, U.JPEGLosslessSV1], f"{_LIBJPEG} or {_GDCM}"),
-    **dict.fromkeys([U.JPEGLSLossless, U.JPEGLSNearLossless], f"pyjpegls, {_LIBJPEG} or {_GDCM}"),
-    U.JPEGBaseline8Bit: f"Pillow or {_LIBJPEG}",
-    U.JPEGExtended12Bit: f"{_LIBJPEG}; Pillow and python-gdcm cannot decode 12-bit JPEG",
-    U.RLELossless: "pylibjpeg-rle (MIT, the medscale[dicom] extra)",
+_OPENJPEG = "pylibjpeg-openjpeg (MIT)"
+_LIBJPEG = "pylibjpeg-libjpeg (GPLv3, the medscale[dicom-gpl] extra)"
+_JLS_SYNTAXES = (U.JPEGLSLossless, U.JPEGLSNearLossless)
+_J2K_SYNTAXES = (U.JPEG2000Lossless, U.JPEG2000)
+_HTJ2K_SYNTAXES = (U.HTJ2KLossless, U.HTJ2KLosslessRPCL, U.HTJ2K)
+# pydicom plugin names, in order of preference (the table in the module docstring). "pylibjpeg"
+# is pylibjpeg-libjpeg for JPEG and JPEG-LS, pylibjpeg-openjpeg for JPEG 2000, pylibjpeg-rle for RLE.
+_PLUGINS: dict[str, tuple[str, ...]] = {
+    # Pillow first: gdcm aborts the process on some corrupt 8-bit JPEG (see the module docstring).
+    **dict.fromkeys([U.JPEGBaseline8Bit, U.JPEGExtended12Bit], ("pillow", "gdcm", "pylibjpeg")),
+    **dict.fromkeys([U.JPEGLossless, U.JPEGLosslessSV1], ("gdcm", "pylibjpeg")),
+    **dict.fromkeys(_JLS_SYNTAXES, ("pyjpegls", "gdcm", "pylibjpeg")),
+    **dict.fromkeys(_J2K_SYNTAXES, ("pylibjpeg", "gdcm", "pillow")),
+    **dict.fromkeys(_HTJ2K_SYNTAXES, ("pylibjpeg",)),
+    U.RLELossless: ("pylibjpeg", "pydicom"),
 }
+# Only libjpeg decodes 12-bit JPEG Extended; pydicom's gdcm and Pillow plugins refuse BitsStored != 8.
+_JPEG_12BIT_PLUGINS = ("pylibjpeg",)
+# What to install when no plugin of a row is, for the detail of a decoder_missing rejection.
+_DECODER_HINTS = {
+    **dict.fromkeys([*_J2K_SYNTAXES, *_HTJ2K_SYNTAXES], f"{_OPENJPEG}, {_DICOM_EXTRA}"),
+    **dict.fromkeys([U.JPEGLossless, U.JPEGLosslessSV1], f"{_GDCM}, {_DICOM_EXTRA}"),
+    **dict.fromkeys(_JLS_SYNTAXES, f"pyjpegls (CharLS, BSD-3) or {_GDCM}, {_DICOM_EXTRA}"),
+    **dict.fromkeys([U.JPEGBaseline8Bit, U.JPEGExtended12Bit], f"Pillow or {_GDCM} ({_DICOM_EXTRA})"),
+    U.RLELossless: f"pylibjpeg-rle (MIT, {_DICOM_EXTRA})",
+}
+_JPEG_12BIT_HINT = f"{_LIBJPEG}; python-gdcm and Pillow cannot decode 12-bit JPEG"
 # Plugin failures that mean "this codec variant is not supported here", not "corrupt data".
 _UNSUPPORTED_BY_PLUGIN = ("does not support", "not supported", "cannot decode")
 # Integer output types, narrowest first; unsigned before signed of the same width.
@@ -168,6 +216,50 @@ def decode_dicom(ds: Dataset, *, voi: str = "metadata", frames: str = "samples",
     return images if frames == "samples" or len(images) == 1 else [_as_volume(images)]
 
 
+def quiet_decoder_logs(debug: bool) -> None:
+    """Keep pydicom's decoder output out of the log, or with `debug` let all of it through.
+
+    Quiet drops every pydicom log record made while medscale decodes pixels (a traceback per
+    plugin that fails, per-file warnings such as excess padding) and any pydicom record with a
+    traceback: a file that fails is one RejectedInput with its reason. Until this is called, a
+    non-empty MEDSCALE_DEBUG environment variable means `debug`. The setting is per process;
+    workers forked after the call inherit it.
+    """
+    _DECODER_LOG_FILTER.debug = bool(debug)
+    _filter_pydicom_logs()  # and on any pydicom logger created since import
+
+
+class _DecoderLogFilter(logging.Filter):
+    """Drops the records described in `quiet_decoder_logs`: prep rejects such a file with a
+    one-line reason (RejectedInput), which is all its log needs."""
+
+    debug: bool | None = None  # None: MEDSCALE_DEBUG decides (read per record; records are rare)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        debug = self.debug if self.debug is not None else bool(os.environ.get("MEDSCALE_DEBUG"))
+        return debug or not (record.exc_info or _DECODING.get())
+
+
+# True while this thread is inside pydicom's decoder for `_decode_pixels`.
+_DECODING: contextvars.ContextVar[bool] = contextvars.ContextVar("medscale_dicom_decoding", default=False)
+_DECODER_LOG_FILTER = _DecoderLogFilter()
+
+
+def _filter_pydicom_logs() -> None:
+    # A logger's filters see only the records logged to it, not those its children propagate, so
+    # the filter goes on "pydicom" and on each child pydicom has created by now (its decoders log
+    # the tracebacks to "pydicom.pixels.decoders.base").
+    loggers = [logging.getLogger("pydicom")] + [
+        lg for name, lg in logging.Logger.manager.loggerDict.items()
+        if name.startswith("pydicom.") and isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        if _DECODER_LOG_FILTER not in lg.filters:
+            lg.addFilter(_DECODER_LOG_FILTER)
+
+
+_filter_pydicom_logs()
+
+
 def _parse(p: Path) -> Dataset:
     # pydicom reports a file that ends inside an undefined-length element only as a warning.
     with warnings.catch_warnings(record=True) as caught:
@@ -244,7 +336,7 @@ def _decode(ds: Dataset, voi: str) -> list[DicomImage]:
     if photometric in ("MONOCHROME1", "MONOCHROME2") and arr.ndim == 3:
         return [_grayscale(ds, arr[i], i, f, voi, photometric == "MONOCHROME1", bits) for i, f in frames]
     if photometric == "PALETTE COLOR" and arr.ndim == 3:
-        arr = apply_color_lut(arr, ds)
+        arr = _palette_to_rgb(arr, ds)
     elif not (photometric == "RGB" and arr.ndim == 4 and arr.shape[-1] == 3):
         raise RejectedInput("unsupported", f"photometric interpretation {photometric!r} with shape {arr.shape[1:]}")
     # VOI is a grayscale operation (PS3.3 C.11.2): colour keeps its decoded values.
@@ -261,13 +353,13 @@ def _decode_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
         decoder = get_decoder(ts)
     except NotImplementedError as e:
         raise RejectedInput("unsupported", f"pydicom has no decoder for {ts.name} ({ts})") from e
-    hint = _DECODER_HINTS.get(ts, "a pydicom decoding plugin")
-    if not decoder.is_available:
-        raise RejectedInput("decoder_missing", f"{ts.name} ({ts}) needs {hint}")
+    plugin, hint = _choose_plugin(ds, ts, decoder)
+    decoding = _DECODING.set(True)  # pydicom's log records too: see quiet_decoder_logs
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the outcome is an array or a rejection
-            arr, props = decoder.as_array(ds)  # options from ds; YBR_FULL(_422) -> RGB here
+            # options from ds; YBR_FULL(_422) -> RGB here
+            arr, props = decoder.as_array(ds, decoding_plugin=plugin)
     except RuntimeError as e:
         if any(s in str(e).lower() for s in _UNSUPPORTED_BY_PLUGIN):
             raise RejectedInput("decoder_missing", f"{ts.name} ({ts}): {e}; needs {hint}"[:500]) from e
@@ -276,9 +368,61 @@ def _decode_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
         if "less than expected" in str(e):
             raise RejectedInput("truncated", f"pixel data: {e}"[:300]) from e
         raise
+    finally:
+        _DECODING.reset(decoding)
     if arr.ndim == (2 if int(props["samples_per_pixel"]) == 1 else 3):
         arr = arr[None]
     return arr, str(props["photometric_interpretation"]).strip().upper()
+
+
+def _choose_plugin(ds: Dataset, ts: U.UID, decoder: Decoder) -> tuple[str, str]:
+    """The pydicom plugin that decodes `ds` (see `_PLUGINS`; "" for native data: no plugin) and
+    what to install if it fails as unsupported."""
+    twelve_bit = ts == U.JPEGExtended12Bit and int(ds.get("BitsStored") or 8) != 8
+    preferred = _JPEG_12BIT_PLUGINS if twelve_bit else _PLUGINS.get(ts)
+    hint = _JPEG_12BIT_HINT if twelve_bit else _DECODER_HINTS.get(ts, "a pydicom decoding plugin")
+    if preferred is None:  # native encodings, or a syntax pydicom added after this table
+        if not decoder.is_available:
+            raise RejectedInput("decoder_missing", f"{ts.name} ({ts}) needs {hint}")
+        return "", hint
+    installed = decoder.available_plugins
+    for plugin in preferred:
+        if plugin in installed:
+            return plugin, hint
+    what = f"12-bit {ts.name}" if twelve_bit else ts.name
+    raise RejectedInput("decoder_missing", f"{what} ({ts}) needs {hint}")
+
+
+def _palette_to_rgb(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """`apply_color_lut`, with 16-bit LUT data read in the dataset's byte order.
+
+    pydicom 3.0 reads (non-segmented) Palette Color LUT Data, raw OW bytes, in the machine's byte
+    order, which swaps every entry of a big-endian file's palette. Segmented LUTs it reads right.
+    """
+    order = "<" if _little_endian(ds) else ">"
+    if "RedPaletteColorLookupTableData" not in ds or order == ("<" if sys.byteorder == "little" else ">"):
+        return apply_color_lut(arr, ds)
+    entries = int(ds.RedPaletteColorLookupTableDescriptor[0]) or 65536
+    luts = Dataset()  # only what apply_color_lut reads, with the data in machine order
+    luts.RedPaletteColorLookupTableDescriptor = ds.RedPaletteColorLookupTableDescriptor
+    if "PixelPresentation" in ds:
+        luts.PixelPresentation = ds.PixelPresentation
+    for colour in ("Red", "Green", "Blue", "Alpha"):
+        data = ds.get(f"{colour}PaletteColorLookupTableData")
+        if data:
+            if len(data) == 2 * entries:  # 16-bit entries; 8-bit ones (one byte each) have no order
+                data = np.frombuffer(data, f"{order}u2").astype("=u2").tobytes()
+            setattr(luts, f"{colour}PaletteColorLookupTableData", data)
+    return apply_color_lut(arr, luts)
+
+
+def _little_endian(ds: Dataset) -> bool:
+    """Whether the dataset's OB/OW values (kept as raw bytes by pydicom) are little-endian."""
+    little = ds.original_encoding[1]
+    if little is None:  # built in memory, not read: the transfer syntax says
+        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        return ts != U.ExplicitVRBigEndian
+    return bool(little)
 
 
 def _grayscale(ds: Dataset, stored: np.ndarray, index: int, frame: int | None, voi: str,
@@ -408,7 +552,7 @@ def _apply_voi(ds: Dataset, values: np.ndarray, windows: list[tuple[float, float
         entries, first, out_bits = (int(v) for v in item.LUTDescriptor)
         data = item.LUTData
         if isinstance(data, bytes):  # VR OW: 16-bit words in the dataset's byte order
-            data = np.frombuffer(data, "<u2" if ds.original_encoding[1] is not False else ">u2")
+            data = np.frombuffer(data, "<u2" if _little_endian(ds) else ">u2")
         lut = np.asarray(data, dtype=np.float64)[: entries or 65536]
         idx = np.clip(np.rint(x) - first, 0, len(lut) - 1).astype(np.int64)
         return np.clip(lut[idx] / ((1 << out_bits) - 1), 0.0, 1.0)
