@@ -38,7 +38,7 @@ from typing import Any, BinaryIO
 
 from medscale.files import atomic_write
 
-__all__ = ["HashedTarWriter", "ShardSequence", "Index", "ShardIndex", "scan_tar", "index_name", "encode_index",
+__all__ = ["HashedTarWriter", "ShardSequence", "DuplicateKey", "Index", "ShardIndex", "scan_tar", "index_name", "encode_index",
            "decode_index", "read_index", "INDEX_SUFFIX", "INDEX_VERSION", "INDEX_FORMAT"]
 
 INDEX_SUFFIX = ".idx.json"
@@ -103,23 +103,47 @@ class HashedTarWriter:
         return self.size, self.sha.hexdigest()
 
 
+class DuplicateKey(ValueError):
+    """A sample key that this `ShardSequence` has already written.
+
+    Readers group adjacent members by key, so a repeated key would merge two samples into one
+    (or, in the index, list one key twice); the sequence refuses it before writing anything.
+    """
+
+    def __init__(self, key: str, shard: str, first: str):
+        self.key, self.shard, self.first = key, shard, first
+        super().__init__(
+            f"sample key {key!r} was already written to {first}; not writing it again (to {shard}): "
+            "readers would merge the two samples"
+        )
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str, str]]:
+        # Raised in prep's worker processes; the default pickling would call __init__(message).
+        return type(self), (self.key, self.shard, self.first)
+
+
 class ShardSequence:
     """One split's shards of one prep chunk, ``{split}-{chunk:06d}-{part:02d}.tar``, rolling over
     at ``shard_bytes`` of member data; each shard gets its index when it is closed.
 
     Shards are written under a temporary name (``.tmp``) and renamed when complete; `close`
     returns one manifest entry per shard (path, split, samples, bytes, sha256, label_counts,
-    index).
+    index). A key is written at most once per sequence (`DuplicateKey`).
     """
 
     def __init__(self, out: Path, split: str, chunk: int, shard_bytes: int):
         self.out, self.split, self.chunk, self.limit = Path(out), split, chunk, shard_bytes
         self.part = 0
         self.done: list[dict[str, Any]] = []
+        # key -> the part it went to: one small int per sample, so the error can name the shard.
+        self._keys: dict[str, int] = {}
         self._open()
 
+    def _shard_name(self, part: int) -> str:
+        return f"{self.split}-{self.chunk:06d}-{part:02d}.tar"
+
     def _open(self) -> None:
-        self.name = f"{self.split}-{self.chunk:06d}-{self.part:02d}.tar"
+        self.name = self._shard_name(self.part)
         self.tmp = self.out / (self.name + ".tmp")
         self.tar = HashedTarWriter(self.tmp)
         self.samples, self.bytes, self.labels = 0, 0, Counter()
@@ -134,11 +158,17 @@ class ShardSequence:
             members: extension to bytes.
             label: the sample's label for the index (class index, 0/1 list, None if unlabeled).
             label_counts: class name to count this sample adds to the shard's ``label_counts``.
+
+        Raises:
+            DuplicateKey: ``key`` was already added to this sequence; nothing is written.
         """
+        if key in self._keys:
+            raise DuplicateKey(key, self.name, self._shard_name(self._keys[key]))
         if self.samples and self.bytes >= self.limit:
             self._close()
             self.part += 1
             self._open()
+        self._keys[key] = self.part
         where = {}
         for ext in sorted(members):
             where[ext] = list(self.tar.add(f"{key}.{ext}", members[ext]))

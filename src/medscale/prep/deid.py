@@ -2,9 +2,10 @@
 
 The approach follows DICOM PS3.15 Annex E (Basic Application Level Confidentiality Profile) by
 construction rather than by deletion: a shard never carries a copy of the DICOM header, only the
-handful of technical attributes that `safe_metadata` allowlists. Names, dates, free text,
-institutions, physicians, device serials, private tags, overlays, curves and nested sequences are
-therefore absent without having to be found and removed one by one. Identifiers that link images
+handful of technical attributes that `safe_metadata` allowlists, coded ones only as a defined term
+of the standard. Names, dates, free text, institutions, physicians, device serials, private tags,
+overlays, curves and nested sequences are therefore absent without having to be found and removed
+one by one. Identifiers that link images
 (patient, study, series, instance) are replaced by keyed pseudonyms (HMAC-SHA256 under a secret
 key), so they stay consistent across a corpus and across runs with the same key, but cannot be
 reversed or re-derived by anyone without the key, even for small identifier spaces such as
@@ -22,6 +23,7 @@ import os
 import re
 import secrets
 import stat
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,9 @@ __all__ = [
     "KEY_ENV",
     "BURNED_IN_MODALITIES",
     "BURNED_IN_SOP_CLASSES",
+    "BODY_PART_TERMS",
+    "VIEW_POSITION_TERMS",
+    "MODALITY_TERMS",
     "load_pseudonym_key",
     "Pseudonymizer",
     "safe_metadata",
@@ -98,24 +103,101 @@ BURNED_IN_SOP_CLASSES = frozenset(
     }
 )
 
-# The character repertoire of the DICOM CS (Code String) VR, PS3.5 table 6.2-1. A value that does
-# not match cannot be a conformant code, so it may be free text in a coded-looking field.
-_CS = re.compile(r"[A-Z0-9 _]{1,16}")
 # AS (Age String) is nnnD/W/M/Y; some writers drop leading zeros, which is unambiguous.
 _AGE = re.compile(r"(\d{1,3})([DWMY])")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
 _HEX_DIGITS = re.compile(r"[0-9a-fA-F]+")
 
-_SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
-# Small enumerated CS attributes get a closed list: a 16-character uppercase string could still
-# be a name, so where the standard's list is short we accept nothing else.
+# Coded-string (CS) attributes are copied only when the value is one of the standard's defined terms
+# for that attribute. The CS repertoire alone (upper case, digits, space, underscore, 16 characters)
+# admits "SMITH" or "DOE JANE" typed into BodyPartExamined; a closed list does not. Where a corpus
+# uses a variant, `safe_metadata` normalises it onto a term (surrounding spaces, case, and for body
+# parts inner spaces, underscores and hyphens: "whole body" -> WHOLEBODY), so the output is always a
+# listed term and never the stored text.
+
+# BodyPartExamined: PS3.16 Annex L, "Correspondence of Anatomic Region Codes and Body Part Examined
+# Defined Terms" (the human table, L-1, and the veterinary one, L-2). LEG, ARM and JAW stay although
+# the human table now says LOWERLEG, UPPERARM and MANDIBLE: older files and the veterinary table use them.
+# Spellings are the standard's, typos included (OCCPITALA, OCCIPTALV, ENDONASOPHARYNYX).
+BODY_PART_TERMS = frozenset(
+    """
+    3RDVENTRICLE 4THVENTRICLE ABDOMEN ABDOMENPELVIS ABDOMINALAORTA ACA ACJOINT ADRENAL AMNIOTICFLUID
+    ANKLE ANTCARDIACV ANTCOMMA ANTECUBITALV ANTSPINALA ANTTIBIALA ANUSRECTUMSIGMD AORTA AORTICARCH
+    APPENDIX ARM ARTERY ASCAORTA ASCENDINGCOLON AXILLA AXILLARYA AXILLARYV AZYGOSVEIN BACK BASILARA
+    BILEDUCT BILIARYTRACT BLADDER BLADDERURETHRA BRACHIALA BRACHIALV BRAIN BREAST BRONCHUS BULB BUTTOCK
+    CALCANEUS CALF CAROTID CCA CELIACA CEPHALICV CEREBELLUM CEREBHEMISPHERE CEREBRALA CERVIX CFA CFV
+    CHEEK CHEST CHESTABDOMEN CHESTABDPELVIS CHOROIDPLEXUS CIRCLEOFWILLIS CLAVICLE COCCYX COLON
+    COMILIACA COMILIACV COMMONBILEDUCT CORNEA CORONARYARTERY CORONARYSINUS CSPINE CTSPINE CULDESAC
+    DESCAORTA DESCENDINGCOLON DUODENUM EAC EAR ECA ELBOW ENDOARTERIAL ENDOCARDIAC ENDOESOPHAGEAL
+    ENDOMETRIUM ENDONASAL ENDONASOPHARYNYX ENDORECTAL ENDORENAL ENDOURETERIC ENDOURETHRAL ENDOVAGINAL
+    ENDOVASCULAR ENDOVENOUS ENDOVESICAL EPIDIDYMIS EPIGASTRIC ESOPHAGUS EXTILIACA EXTILIACV EXTJUGV
+    EXTREMITY EYE EYELID FACE FACIALA FEMORALA FEMORALV FEMUR FETALARM FETALDIGIT FETALHEART FETALLEG
+    FETALPOLE FIBULA FINGER FLANK FONTANEL FOOT FOREARM GALLBLADDER GASTRICV GENICULARA GESTSAC GLUTEAL
+    GSV HAND HEAD HEADNECK HEART HEPATICA HEPATICV HIP HUMERUS HYPOGASTRIC HYPOPHARYNX IAC ICA ILEUM
+    ILIACA ILIACV ILIUM INFMESA INFVENACAVA INGUINAL INNOMINATEA INNOMINATEV INTILIACA INTJUGULARV
+    INTMAMMARYA INTRACRANIAL JAW JEJUNUM JOINT KIDNEY KNEE LACRIMALA LARGEINTESTINE LARYNX LATRIUM
+    LATVENTRICLE LEG LFEMORALA LHEPATICV LHYPOCHONDRIAC LINGUALA LINGUINAL LIVER LLQ LLUMBAR LOWERLEG
+    LOWERLIMB LPORTALV LPULMONARYA LSPINE LSSPINE LSUPPULMONARYV LUMBAR LUMBARA LUMEN LUNG LUQ
+    LVENTRICLE MANDIBLE MASTOID MAXILLA MCA MEDIASTINUM MESENTRICA MESENTRICV MIDHEPATICV MORISONSPOUCH
+    MOUTH NASOPHARYNX NECK NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NOSE OCCIPTALV OCCPITALA
+    OPHTHALMICA OPTICCANAL ORBIT OVARY PANCBILEDUCT PANCREAS PANCREATICDUCT PARASTERNAL PARATHYROID
+    PAROTID PATELLA PCA PELVIS PELVISLOWEXTREMT PENILEA PENIS PERINEUM PERONEALA PHANTOM PHARYNX
+    PHARYNXLARYNX PLACENTA POPLITEALA POPLITEALFOSSA POPLITEALV PORTALV POSCOMMA POSTIBIALA PROFFEMA
+    PROFFEMV PROSTATE PULMONARYA PULMONARYV RADIALA RADIUS RADIUSULNA RATRIUM RECTUM RENALA RENALV
+    RETROPERITONEUM RFEMORALA RHEPATICV RHYPOCHONDRIAC RIB RINGUINAL RLQ RLUMBAR RPORTALV RPULMONARYA
+    RSUPPULMONARYV RUQ RVENTRICLE SAPHENOUSV SCALP SCAPULA SCJOINT SCLERA SCROTUM SELLA SEMVESICLE
+    SESAMOID SFA SFJ SFV SHOULDER SIGMOID SIJOINT SKULL SMA SMALLINTESTINE SPINALCORD SPINE SPLEEN
+    SPLENICA SPLENICV SSPINE STERNUM STOMACH SUBCLAVIANA SUBCLAVIANV SUBCOSTAL SUBMANDIBULAR
+    SUPRACLAVICULAR SUPRAPUBIC SUPTHYROIDA SVC TESTIS THALAMUS THIGH THORACICAORTA THORAX THUMB THYMUS
+    THYROID TIBIA TIBIAFIBULA TLSPINE TMJ TOE TONGUE TRACHEA TRACHEABRONCHUS TRANSVERSECOLON TSPINE
+    ULNA ULNARA UMBILICAL UMBILICALA UMBILICALV UPPERARM UPPERLIMB UPRURINARYTRACT URETER URETHRA UTERUS
+    VAGINA VEIN VERTEBRALA VULVA WHOLEBODY WRIST ZYGOMA
+    ATLANTOAXIAL ATLANTOOCCIPITAL CARPUS DIGIT DISTALPHALANX FOREFETLOCK FOREFOOT FORENAVICULAR
+    FOREPASTERN FRONTALSINUS HINDFETLOCK HINDFOOT HINDNAVICULAR HINDPASTERN LEGS METACARPUS METATARSUS
+    STIFLE TAIL TARSUS UGITRACT URINARYTRACT WING
+    """.split()
+)
+
+# ViewPosition: the DX Positioning Module's defined terms (PS3.3 C.8.11.5.1.1), the ACR MQCM
+# mammography view abbreviations that mammography systems store there (the views of CID 4014), and
+# a few projection abbreviations that are not defined terms but are how large public chest X-ray
+# corpora record the view (LAT and LATERAL in MIMIC-CXR, the oblique projections of CID 4010).
+VIEW_POSITION_TERMS = frozenset(
+    """
+    AP PA LL RL RLD LLD RLO LLO
+    CC MLO ML LM LMO XCC XCCL XCCM FB SIO ISO AT CV
+    LAT LATERAL LAO RAO LPO RPO
+    """.split()
+)
+
+# Modality: PS3.3 C.7.3.1.1.1 defined terms, the retired ones included since old archives hold them.
+# SC is not among them (Secondary Capture is a SOP class; its Modality is OT or that of the source).
+MODALITY_TERMS = frozenset(
+    """
+    ANN AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD
+    IO IOL IVOCT IVUS KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN
+    POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG
+    SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL XC
+    AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF
+    """.split()
+)
+
+# Small enumerated attributes. PatientSex: M, F, O; the spelled-out forms some writers use are
+# unambiguous, so they map onto the terms.
+_SEX = frozenset({"M", "F", "O"})
+_SEX_ALIASES = {"MALE": "M", "FEMALE": "F", "OTHER": "O"}
+# ImageLaterality: R, L, U (unpaired), B (both); Laterality: R, L.
 _LATERALITY = frozenset({"R", "L", "B", "U"})
+# PhotometricInterpretation, PS3.3 C.7.6.3.1.2, retired terms (HSV, ARGB, CMYK) included.
 _PHOTOMETRIC = frozenset(
     {
         "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL",
-        "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
+        "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB",
     }
 )
+# Inner separators that body-part variants carry ("WHOLE BODY", "L_SPINE", "C-SPINE"); no defined
+# body part has one.
+_SEPARATORS = re.compile(r"[\s_\-]+")
 
 # HIPAA Safe Harbor aggregates ages over 89 into one category.
 _AGE_TOP = 90
@@ -287,15 +369,23 @@ def pseudonymize_fields(fields: Mapping[str, str], pseudo: Pseudonymizer) -> dic
 # ---------------------------------------------------------------------------------------------
 
 
-def safe_metadata(ds: pydicom.Dataset, pseudo: Pseudonymizer) -> dict[str, Any]:
+def safe_metadata(
+    ds: pydicom.Dataset, pseudo: Pseudonymizer, dropped: Counter | None = None
+) -> dict[str, Any]:
     """The only DICOM metadata that may enter a shard: an allowlist plus pseudonyms.
 
     Nothing is copied from the header unless listed here, so names, dates, free text, UIDs,
     institutions, physicians, device details, private tags, overlays and sequences cannot leak.
-    Values are plain JSON types; an attribute that is absent, malformed, non-finite or (for coded
-    strings) outside the DICOM CS repertoire is left out rather than guessed.
+    Values are plain JSON types; an attribute that is absent, malformed or non-finite is left out
+    rather than guessed. Coded strings (``modality``, ``photometric``, ``sex``, ``body_part``,
+    ``view_position``, ``laterality``) are kept only as one of the DICOM defined terms for their
+    attribute (`MODALITY_TERMS`, `BODY_PART_TERMS`, `VIEW_POSITION_TERMS`, and short closed lists
+    for the rest), after normalising harmless variants (surrounding spaces, lower case, ``MALE``;
+    for body parts also inner spaces, underscores and hyphens, so ``"Whole body"`` is
+    ``WHOLEBODY``). Anything else, such as a surname typed into BodyPartExamined, is dropped: the
+    output is always a listed term, never the stored text.
 
-    Keys, each only when present: ``modality``, ``photometric`` (as stored), ``rows``,
+    Keys, each only when present: ``modality``, ``photometric``, ``rows``,
     ``columns``, ``bits_stored``, ``number_of_frames``, ``pixel_spacing`` (list of 2 floats, mm),
     ``slice_thickness``, ``window_center`` and ``window_width`` (lists of floats), ``rescale``
     (``{"slope", "intercept"}``), ``sex`` (``M``/``F``/``O``), ``age_band`` (``"40-49"``...,
@@ -308,6 +398,11 @@ def safe_metadata(ds: pydicom.Dataset, pseudo: Pseudonymizer) -> dict[str, Any]:
     Args:
         ds: The DICOM dataset (pixel data need not be loaded).
         pseudo: The pseudonymizer.
+        dropped: If given, ``dropped[key] += 1`` (``key`` the output name, e.g. ``"body_part"``)
+            for each coded value that is present in the header but not a defined term, so dropped
+            values can be counted and reported (a bad ImageLaterality counts even when the
+            series' Laterality stands in). Absent or empty attributes do not count, nor does
+            anything when the file is rejected.
 
     Returns:
         The metadata dict.
@@ -317,14 +412,28 @@ def safe_metadata(ds: pydicom.Dataset, pseudo: Pseudonymizer) -> dict[str, Any]:
             patient-level split is possible.
     """
     meta: dict[str, Any] = {}
+    lost: Counter = Counter()  # added to `dropped` only if the file is not rejected
 
     def put(name: str, value: Any) -> None:
         if value is not None:
             meta[name] = value
 
-    put("modality", _cs(ds, "Modality"))
-    photometric = _cs(ds, "PhotometricInterpretation")
-    put("photometric", photometric if photometric in _PHOTOMETRIC else None)
+    def coded(name: str, terms: frozenset[str], *keywords: str, squeeze: bool = False,
+              aliases: Mapping[str, str] | None = None) -> None:
+        # The first keyword whose value is a defined term wins (ImageLaterality before the series'
+        # Laterality); each value on the way that is there but no term counts as dropped.
+        for keyword in keywords:
+            value = _code(ds, keyword, squeeze)
+            if value is None:
+                continue
+            value = aliases.get(value, value) if aliases else value
+            if value in terms:
+                meta[name] = value
+                return
+            lost[name] += 1
+
+    coded("modality", MODALITY_TERMS, "Modality")
+    coded("photometric", _PHOTOMETRIC, "PhotometricInterpretation")
     for name, keyword in (
         ("rows", "Rows"),
         ("columns", "Columns"),
@@ -345,14 +454,12 @@ def safe_metadata(ds: pydicom.Dataset, pseudo: Pseudonymizer) -> dict[str, Any]:
             "slope": slope[0] if slope else 1.0,
             "intercept": intercept[0] if intercept else 0.0,
         }
-    sex = _text(ds, "PatientSex")
-    put("sex", _SEX.get(sex.upper()) if sex else None)
+    coded("sex", _SEX, "PatientSex", aliases=_SEX_ALIASES)
     put("age_band", _age_band(_text(ds, "PatientAge")))
-    put("body_part", _cs(ds, "BodyPartExamined"))
-    put("view_position", _cs(ds, "ViewPosition"))
+    coded("body_part", BODY_PART_TERMS, "BodyPartExamined", squeeze=True)
+    coded("view_position", VIEW_POSITION_TERMS, "ViewPosition")
     # Image laterality is per image; Laterality is the series-level fallback.
-    laterality = _cs(ds, "ImageLaterality") or _cs(ds, "Laterality")
-    put("laterality", laterality if laterality in _LATERALITY else None)
+    coded("laterality", _LATERALITY, "ImageLaterality", "Laterality")
     put("transfer_syntax", _standard_transfer_syntax(ds))
 
     patient_id = _text(ds, "PatientID")
@@ -372,6 +479,8 @@ def safe_metadata(ds: pydicom.Dataset, pseudo: Pseudonymizer) -> dict[str, Any]:
         value = _text(ds, keyword)
         if value:
             meta[kind] = pseudo(kind, value)
+    if dropped is not None:
+        dropped.update(+lost)
     return meta
 
 
@@ -396,12 +505,24 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
     return value or None
 
 
-def _cs(ds: pydicom.Dataset, keyword: str) -> str | None:
-    value = _get(ds, keyword)
-    if not isinstance(value, str):  # absent, multi-valued or bytes: not a single code
+def _code(ds: pydicom.Dataset, keyword: str, squeeze: bool) -> str | None:
+    """A coded value in the form the term lists use (upper case, trimmed; ``squeeze`` also drops
+    inner separators), or None when the attribute is absent or empty.
+
+    Multiple values come back joined by backslashes (no term has one) and bytes decoded, so a
+    value that is there always comes back and the caller can count it when it is no term.
+    """
+    raw = _get(ds, keyword)
+    if isinstance(raw, (bytes, bytearray)):
+        raw = raw.decode("latin-1")
+    elif isinstance(raw, MultiValue):
+        raw = "\\".join(str(v) for v in raw)
+    if raw is None:
         return None
-    value = value.strip()
-    return value if _CS.fullmatch(value) else None
+    value = str(raw).strip().strip("\x00").strip().upper()
+    if squeeze:
+        value = _SEPARATORS.sub("", value)
+    return value or None
 
 
 def _floats(ds: pydicom.Dataset, keyword: str) -> list[float] | None:
