@@ -43,15 +43,26 @@ def cmd_prep(args: argparse.Namespace) -> int:
     from medscale.prep.pipeline import PrepJob, merge, prepare_output, run_prep
     from medscale.report.console import print_manifest_summary
 
+    if args.debug:
+        os.environ["MEDSCALE_DEBUG"] = "1"  # worker processes inherit it
+    from medscale.prep.dicom import quiet_decoder_logs
+
+    quiet_decoder_logs(bool(os.environ.get("MEDSCALE_DEBUG")))
     out = Path(args.out)
+    log_dir = Path(args.log_dir) if args.log_dir else None
     if args.merge:
-        print_manifest_summary(merge(out))
+        print_manifest_summary(merge(out, log_dir=log_dir))
         return 0
     inputs, overrides = _split_overrides(args.inputs)
     if not inputs:
         raise ConfigError("medscale prep needs at least one INPUT (directory, file, or .txt file list)")
     cfg = load_config(PrepConfig, args.recipe, overrides)
     labels = args.labels or (str(_recipe_relative(args.recipe, cfg.labels_csv)) if cfg.labels_csv else None)
+    if cfg.redact_rules:
+        rules = _recipe_relative(args.recipe, cfg.redact_rules)
+        if not rules.is_file():
+            raise ConfigError(f"redact_rules file {rules} does not exist")
+        cfg.redact_rules = str(rules)
     if not 0 <= args.task_index < args.num_tasks:
         raise ConfigError(f"--task-index {args.task_index} must be in [0, --num-tasks {args.num_tasks})")
     for flag, value in (("--workers", args.workers), ("--chunk-files", args.chunk_files)):
@@ -59,9 +70,10 @@ def cmd_prep(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     key = load_pseudonym_key(args.key_file, allow_random=args.random_key)
     # Array tasks share one output directory: each resumes what is there.
-    prepare_output(out, resume=args.resume or args.num_tasks > 1, overwrite=args.overwrite)
+    prepare_output(out, resume=args.resume or args.num_tasks > 1, overwrite=args.overwrite, log_dir=log_dir)
     job = PrepJob(inputs=inputs, out=out, cfg=cfg, key=key, labels_csv=labels, workers=args.workers,
-                  task_index=args.task_index, num_tasks=args.num_tasks, chunk_files=args.chunk_files)
+                  task_index=args.task_index, num_tasks=args.num_tasks, chunk_files=args.chunk_files,
+                  log_dir=log_dir)
     t0 = time.perf_counter()
     manifest = run_prep(job)
     if manifest is None:
@@ -189,10 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("prep", help="DICOM/photo corpus -> de-identified, patient-split WebDataset shards",
                         description="Turn raw DICOM files and JPEG/PNG photos into de-identified, patient-split "
-                        "tar shards with manifest.json, rejects.jsonl and wids indexes. Trailing key=value items "
+                        "tar shards with manifest.json and wids indexes; the reject log (rejects.jsonl, which names "
+                        "source files) goes to --log-dir, never into --out. Trailing key=value items "
                         "override the recipe (e.g. encoding=png splits='{train: 0.9, test: 0.1}').")
     pp.add_argument("inputs", nargs="*", metavar="INPUT", help="directories, files, .txt file lists, or key=value overrides")
     pp.add_argument("--out", required=True, help="output directory for shards and manifest")
+    pp.add_argument("--log-dir", help="operator logs that name source files (rejects.jsonl); default OUT.logs "
+                    "beside --out, never inside it: keep it when you share the shards")
+    pp.add_argument("--debug", action="store_true", help="show DICOM decoders' own messages and tracebacks")
     pp.add_argument("--labels", help="labels CSV (overrides the recipe's labels_csv)")
     pp.add_argument("--recipe", help="recipe YAML, or a packaged one such as data_prep/demo.yaml; "
                     "default: PrepConfig defaults")

@@ -85,7 +85,7 @@ def test_16bit_ct_decodes_back_to_exact_modality_values(tmp_path):
     shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm", download=False), src / "ct.dcm")
     shutil.copy(pydicom.data.get_testdata_file("MR_small.dcm", download=False), src / "mr.dcm")
     out = tmp_path / "out"
-    prep([src], out, overrides=["quarantine_burned_in=false"])
+    prep([src], out)
     pseudo = Pseudonymizer(KEY)
     by_key = {k: m for _, k, m in samples_of(out)}
     for name in ("ct.dcm", "mr.dcm"):
@@ -145,8 +145,12 @@ def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path):
     shutil.copy(ct, src / "good.dcm")
     (src / "empty.dcm").write_bytes(b"")
     (src / "noise.bin").write_bytes(os.urandom(3000))
-    (src / "truncated.dcm").write_bytes(ct.read_bytes()[: ct.stat().st_size // 2])
+    other = pydicom.dcmread(ct)  # its own instance: copies of one instance are rejected as duplicates
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8.9.1"
+    other.save_as(src / "truncated.dcm")
+    (src / "truncated.dcm").write_bytes((src / "truncated.dcm").read_bytes()[: ct.stat().st_size // 2])
     big = pydicom.dcmread(ct)
+    big.SOPInstanceUID = big.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8.9.2"
     big.Rows = big.Columns = 60000  # header claims a huge image: rejected from the header alone
     big.save_as(src / "huge.dcm")
     from PIL import Image
@@ -155,7 +159,9 @@ def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path):
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))
     out = tmp_path / "out"
     manifest = prep([src], out, overrides=["max_pixels=50000000"])
-    rejects = {Path(r["path"]).name: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert not (out / "rejects.jsonl").exists()  # it names source files: kept out of the shard directory
+    log = [json.loads(x) for x in (tmp_path / "out.logs" / "rejects.jsonl").read_text().splitlines()]
+    rejects = {Path(r["path"]).name: r["reason"] for r in log}
     assert set(rejects) == {"empty.dcm", "noise.bin", "truncated.dcm", "huge.dcm", "broken.png"}
     assert rejects["huge.dcm"] == "too_large" and rejects["empty.dcm"] == "empty"
     assert rejects["noise.bin"] == "not_dicom"
@@ -167,7 +173,7 @@ def test_every_pydicom_test_file_is_converted_or_rejected_with_a_reason(tmp_path
     files = Path(pydicom.data.__file__).parent / "test_files"
     out = tmp_path / "out"
     manifest = prep([files], out, workers=2, chunk_files=20)
-    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(x) for x in (tmp_path / "out.logs" / "rejects.jsonl").read_text().splitlines()]
     crashes = [r for r in rejects if r["reason"] == "error"]
     assert not crashes, crashes[:3]
     assert manifest["inputs"] == sum(1 for f in files.rglob("*") if f.is_file() and not f.name.startswith("."))

@@ -27,7 +27,7 @@ def run(recipe: str, inputs: Path, out: Path, labels: Path | None = None) -> dic
     prepare_output(out, resume=False, overwrite=True)
     manifest = run_prep(PrepJob(inputs=[str(inputs)], out=out, cfg=cfg, key=KEY,
                                 labels_csv=str(labels) if labels else None), progress=False)
-    assert manifest["rejected"] == 0, (out / "rejects.jsonl").read_text()
+    assert manifest["rejected"] == 0, (out.parent / (out.name + ".logs") / "rejects.jsonl").read_text()
     return manifest
 
 

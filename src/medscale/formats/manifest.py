@@ -34,6 +34,7 @@ shard has an index) to each shard entry.
 from __future__ import annotations
 
 import glob
+import os
 import importlib
 import json
 import logging
@@ -60,6 +61,8 @@ log = logging.getLogger("medscale.formats")
 MANIFEST_VERSION = 2
 """The manifest layout this code writes and the newest it reads."""
 MANIFEST_NAME = "manifest.json"
+PREP_LOG_SUFFIX = ".logs"
+"""Prep's log directory, OUT + this suffix beside OUT (it names source files, so never inside it)."""
 
 
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
@@ -161,7 +164,9 @@ def _expand(root: str) -> list[str]:
     roots: list[str] = []
     for item in braceexpand.braceexpand(root):
         if glob.has_magic(item):
-            roots += sorted(glob.glob(item))
+            # Prep's log directory (OUT.logs, beside OUT) matches OUT's pattern too (ct-* finds ct-0.logs).
+            roots += sorted(p for p in glob.glob(item)
+                            if not (p.endswith(PREP_LOG_SUFFIX) and not os.path.exists(os.path.join(p, MANIFEST_NAME))))
         else:
             roots.append(item)
     return roots

@@ -18,6 +18,8 @@ Metadata keys prep writes (`METADATA_KEYS`):
 - DICOM: ``study``, ``series`` (pseudonyms or null), ``frame``, ``windows`` ([center, width]
   pairs), ``voi_applied``, ``inverted``, ``bits_stored``;
 - photo: ``patient_from`` ("csv" or "image");
+- DICOM with ``burned_in: redact``, OPTIONAL: ``redacted`` (true: text areas of the pixels were
+  blanked and OCR read nothing in the rest) and ``redacted_boxes`` (how many boxes were blanked);
 - the label, OPTIONAL: ``label`` (multiclass: index into the manifest's ``classes``) or
   ``labels`` (multilabel: one 0/1 per class). Prep writes neither when it runs without a labels
   CSV or ``label_from_dir``; the manifest then says task ``unlabeled``. Readers that do not need
@@ -47,7 +49,8 @@ UNLABELED = "unlabeled"
 TASKS = ("multiclass", "multilabel", UNLABELED)
 """What a manifest's ``task`` may say."""
 METADATA_KEYS = ("source", "patient", "study", "series", "split", "pixels", "photometric", "lossless", "meta",
-                 "frame", "windows", "voi_applied", "inverted", "bits_stored", "patient_from", LABEL_KEY, LABELS_KEY)
+                 "frame", "windows", "voi_applied", "inverted", "bits_stored", "patient_from", "redacted",
+                 "redacted_boxes", LABEL_KEY, LABELS_KEY)
 """Every JSON key prep writes (see the module docstring for which and when)."""
 
 

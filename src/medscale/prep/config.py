@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from medscale.errors import ConfigError
+
 __all__ = ["PrepConfig"]
 
 
@@ -53,5 +55,30 @@ class PrepConfig:
     """Target shard size in bytes."""
     max_pixels: int = 100_000_000
     """Reject images with more pixels than this (all frames and channels)."""
-    quarantine_burned_in: bool = True
-    """Quarantine images that carry or may carry burned-in text."""
+    burned_in: Literal["quarantine", "redact"] = "quarantine"
+    """Images that carry or may carry burned-in text (`deid.burned_in_text_reason`): ``quarantine``
+    rejects them all; ``redact`` blanks the known text areas (outside the ultrasound data regions,
+    the boxes of ``redact_rules``), then rejects those in which OCR still reads text
+    (`medscale.prep.redact`; needs Tesseract). Recognizable visual features stay quarantined."""
+    redact_rules: str = ""
+    """With ``burned_in: redact``: a rules file of boxes to blank per device and image size, in the
+    CTP DicomPixelAnonymizer script format (`medscale.prep.redact`); a relative path resolves
+    against the recipe's directory, as labels_csv does. Empty: ultrasound regions only."""
+    photos_ocr: bool = False
+    """Reject photos (JPEG/PNG) in which OCR reads text (needs Tesseract)."""
+    ocr_min_confidence: float = 80.0
+    """Tesseract word confidence (0-100) from which a word of 3+ letters or digits, 6+ px tall,
+    counts as text (`medscale.prep.redact`). Lower reads more text and more speckle as text."""
+    ocr_max_frames: int = 8
+    """Frames of a multi-frame image that OCR reads (evenly spaced, first and last included); 0: all.
+    Blanking always covers every frame."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ocr_min_confidence <= 100:
+            raise ConfigError(f"ocr_min_confidence must be within 0-100, got {self.ocr_min_confidence}")
+        if self.ocr_max_frames < 0:
+            raise ConfigError(f"ocr_max_frames must be >= 0 (0: every frame), got {self.ocr_max_frames}")
+        if self.redact_rules and self.burned_in != "redact":
+            # Rules given but never applied would read as protection that is not there.
+            raise ConfigError(f"redact_rules={self.redact_rules!r} is only used with burned_in: redact "
+                             f"(burned_in is {self.burned_in!r})")

@@ -11,26 +11,32 @@ How the work is cut, and why:
 - Each chunk writes one shard sequence per split, ``{split}-{chunk:06d}-{part:02d}.tar``,
   rolling over at ``shard_bytes``, each shard with its member-offset index beside it
   (``<shard>.idx.json``).
-- ``merge`` reads the markers and writes ``manifest.json``, ``rejects.jsonl`` and one
-  wids index per split.
+- ``merge`` reads the markers and writes ``manifest.json`` and one wids index per split, and
+  ``rejects.jsonl`` into the log directory.
 
 What the files hold (tar layout, index, sample members and metadata, manifest schema) is defined
 in `medscale.formats`; this module decides what goes in them. Without a labels CSV (and without
 ``label_from_dir``) the samples carry no label and the manifest says task ``unlabeled``.
 
 Privacy: only what `deid.safe_metadata` allowlists reaches a shard; sample keys are keyed
-pseudonyms; source paths appear only in ``rejects.jsonl``, an operator log kept beside the shards
-so rejected files can be found (do not publish it).
+pseudonyms. Nothing under the output directory names a source path, folder or file: hospital
+exports name folders after patients (``SMITH_JOHN_1950/``), and whoever copies the shards copies
+that directory. Markers and the plan name inputs by their position in the sorted input list and
+a keyed hash of that list. What must name sources, the reject log (``rejects.jsonl``, so that
+rejected files can be found), goes to a separate log directory (``--log-dir``, by default
+``<out>.logs`` beside the output): an operator log, never to be published with the shards.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,18 +50,20 @@ from medscale.errors import ConfigError, InputError, InputNotFound
 from medscale.files import atomic_write
 from medscale.logs import on_terminal
 from medscale.formats.codec import encode_pixels, extension_for
-from medscale.formats.manifest import build_manifest, write_manifest
+from medscale.formats.manifest import PREP_LOG_SUFFIX, build_manifest, write_manifest
 from medscale.formats.sample import UNLABELED, encode_sample
-from medscale.formats.tar import ShardSequence
+from medscale.formats.tar import DuplicateKey, ShardSequence
 from medscale.prep.config import PrepConfig
 from medscale.prep.deid import Pseudonymizer, burned_in_text_reason, safe_metadata
 from medscale.prep.dicom import decode_dicom, read_dicom
 from medscale.prep.errors import RejectedInput
 from medscale.prep.labels import LabelTable, load_labels
 from medscale.prep.photos import load_photo
+from medscale.prep.redact import Redactor, require_ocr
 from medscale.prep.splits import patient_split, stratified_splits
 
-__all__ = ["PrepJob", "PrepIncomplete", "run_prep", "merge", "discover_inputs", "prepare_output", "PHOTO_SUFFIXES"]
+__all__ = ["PrepJob", "PrepIncomplete", "run_prep", "merge", "discover_inputs", "prepare_output", "PHOTO_SUFFIXES",
+           "default_log_dir"]
 
 log = logging.getLogger("medscale.prep")
 
@@ -85,12 +93,25 @@ class PrepJob:
     task_index: int = 0
     num_tasks: int = 1
     chunk_files: int = 1000
+    log_dir: Path | None = None
+    """Where logs that name source files go (rejects); None: `default_log_dir(out)`."""
+
+    @property
+    def logs(self) -> Path:
+        return Path(self.log_dir) if self.log_dir is not None else default_log_dir(self.out)
+
+
+def default_log_dir(out: str | os.PathLike) -> Path:
+    """``<out>.logs``, beside the output directory, never inside it (it names source files)."""
+    out = Path(out).resolve()
+    return out.parent / (out.name + PREP_LOG_SUFFIX)
 
 
 @dataclass
 class _Source:
     path: str  # absolute path, for reading
     rel: str  # path relative to its input root, for label lookup
+    position: int = -1  # in the sorted input list: how markers and the plan name an input
 
 
 @dataclass
@@ -104,6 +125,8 @@ class _ChunkResult:
     samples: int = 0
     lossy: int = 0
     stratified: int = 0  # samples whose patient the stratified assignment placed
+    redacted: int = 0  # samples whose burned-in text areas were blanked (burned_in: redact)
+    dropped_codes: dict[str, int] = field(default_factory=dict)  # CS values that were not defined terms
     seconds: float = 0.0
 
 
@@ -136,7 +159,10 @@ def discover_inputs(inputs: Sequence[str], include: Sequence[str]) -> list[_Sour
             found.setdefault(str(p.resolve()), _Source(str(p.resolve()), p.name))
         else:
             raise InputNotFound(f"prep input {item!r} does not exist")
-    return sorted(found.values(), key=lambda s: s.path)
+    ordered = sorted(found.values(), key=lambda s: s.path)
+    for i, s in enumerate(ordered):
+        s.position = i
+    return ordered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +181,11 @@ class _Context:
         self.task = _task(job.cfg, labels)
         self.splits = splits or {}  # stratified: patient pseudonym -> split; others use the hash split
         self.ext = extension_for(job.cfg.encoding)
+        # Rules parsed and Tesseract checked once per worker; run_prep's require_ocr has already
+        # refused a config that cannot run here, before any worker started.
+        needs_ocr = job.cfg.burned_in == "redact" or job.cfg.photos_ocr
+        self.redactor = Redactor(job.cfg) if needs_ocr else None
+        self.dropped: Counter = Counter()  # safe_metadata counts CS values that are not defined terms here
 
 
 def _task(cfg: PrepConfig, labels: LabelTable | None) -> str:
@@ -181,11 +212,11 @@ def _label_for(ctx: _Context, keys: dict[str, str]) -> Any:
 
 def _dicom_samples(ctx: _Context, src: _Source) -> list[tuple[str, dict[str, Any], np.ndarray]]:
     ds = read_dicom(src.path, max_pixels=ctx.cfg.max_pixels)
-    if ctx.cfg.quarantine_burned_in:
-        why = burned_in_text_reason(ds)
-        if why:
-            raise RejectedInput("quarantined", why)
-    meta = safe_metadata(ds, ctx.pseudo)
+    why = burned_in_text_reason(ds)
+    redact = why is not None and ctx.cfg.burned_in == "redact"
+    if why and not redact:
+        raise RejectedInput("quarantined", why)  # before decoding: quarantine costs no pixel work
+    meta = safe_metadata(ds, ctx.pseudo, ctx.dropped)
     keys = {
         "path": src.rel,
         "filename": Path(src.rel).name,
@@ -196,6 +227,11 @@ def _dicom_samples(ctx: _Context, src: _Source) -> list[tuple[str, dict[str, Any
     }
     target = _label_for(ctx, keys)
     images = decode_dicom(ds, voi=ctx.cfg.voi, frames=ctx.cfg.frames, max_pixels=ctx.cfg.max_pixels)
+    boxes = None
+    if redact:
+        assert ctx.redactor is not None  # _Context builds one whenever burned_in is redact
+        # Blanks the images in place; raises RejectedInput("quarantined") where OCR still reads text.
+        boxes = ctx.redactor.redact_dicom(ds, images, why)
     base = meta.get("instance") or ctx.pseudo("path", src.rel)
     out = []
     for img in images:
@@ -215,6 +251,10 @@ def _dicom_samples(ctx: _Context, src: _Source) -> list[tuple[str, dict[str, Any
             "meta": meta,
             "target": target,
         }
+        if boxes is not None:
+            # Pixels changed by burned_in: redact (and passed its OCR check): the manifest counts these.
+            info["redacted"] = True
+            info["redacted_boxes"] = boxes
         out.append((key, info, img.pixels))
     return out
 
@@ -222,7 +262,10 @@ def _dicom_samples(ctx: _Context, src: _Source) -> list[tuple[str, dict[str, Any
 def _photo_samples(ctx: _Context, src: _Source) -> list[tuple[str, dict[str, Any], np.ndarray]]:
     pixels, meta = load_photo(src.path, max_pixels=ctx.cfg.max_pixels)
     keys = {"path": src.rel, "filename": Path(src.rel).name, "stem": Path(src.rel).stem}
-    target = _label_for(ctx, keys)
+    target = _label_for(ctx, keys)  # first: an unlabeled photo is rejected without paying for OCR
+    if ctx.cfg.photos_ocr:
+        assert ctx.redactor is not None  # _Context builds one whenever photos_ocr is set
+        ctx.redactor.check_photo(pixels)  # raises RejectedInput("quarantined") if OCR reads text
     patient_raw = ctx.labels.patient(keys) if ctx.labels is not None and ctx.cfg.patient_column else None
     # Without a patient column each photo is its own patient; the manifest says so.
     patient = ctx.pseudo("patient", patient_raw) if patient_raw else ctx.pseudo("patient", "photo:" + src.rel)
@@ -274,23 +317,34 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
     result = _ChunkResult(index=index, inputs=len(sources))
     sequences: dict[str, ShardSequence] = {}
     patients: dict[str, Counter] = {}
-    for src in sources:
+    log: list[dict[str, Any]] = []  # names sources: written to the log directory, never beside the shards
+    ctx.dropped.clear()
+    kept: dict[str, int] = {}  # sample key -> position of the input that wrote it (all splits of the chunk)
+
+    def reject(src: _Source, reason: str, detail: str) -> None:
+        result.rejects.append({"input": src.position, "reason": reason})
+        log.append({"input": src.position, "path": src.path, "reason": reason, "detail": detail})
+
+    for src in _in_preference_order(sources):
         samples, encoded = [], []
         try:
             is_photo = Path(src.path).suffix.lower() in PHOTO_SUFFIXES
             samples = _photo_samples(ctx, src) if is_photo else _dicom_samples(ctx, src)
+            first = next((kept[k] for k, _, _ in samples if k in kept), None)
+            if first is not None:  # the same SOPInstanceUID, hence the same keys, as an input already written
+                raise RejectedInput("duplicate", f"the same instance (SOPInstanceUID) as input {first}, which is kept")
             if not samples:
                 raise RejectedInput("empty", "decoded to no images")
             encoded = [_encode(ctx, px) for _, _, px in samples]
         except RejectedInput as r:
-            result.rejects.append({"path": src.path, "reason": r.reason, "detail": r.detail})
+            reject(src, r.reason, r.detail)
             samples = []
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - one bad file must not end a million-file run; it is reported
-            result.rejects.append({"path": src.path, "reason": "error", "detail": f"{type(e).__name__}: {e}"})
+            reject(src, "error", f"{type(e).__name__}: {e}")
             samples = []
-        result.accepted += bool(samples)
+        added = 0
         for (key, info, _), (data, pix) in zip(samples, encoded):
             patient = info["patient"]
             assigned = ctx.splits.get(patient)
@@ -302,20 +356,109 @@ def _process_chunk(args: tuple[int, list[_Source]]) -> _ChunkResult:
             members = encode_sample(info, ctx.ext, data, task=ctx.task, label=target)
             if split not in sequences:
                 sequences[split] = ShardSequence(out, split, index, ctx.cfg.shard_bytes)
-            sequences[split].add(key, members, target, _label_counts(ctx, target))
+            try:
+                sequences[split].add(key, members, target, _label_counts(ctx, target))
+            except DuplicateKey as e:  # never two samples under one key (the reader would merge them)
+                if added:  # frames of one input have keys of their own: a collision here is a bug
+                    raise
+                reject(src, "duplicate", str(e))
+                break
+            added += 1
             patients.setdefault(split, Counter())[patient] += 1
             result.samples += 1
             result.lossy += not info.get("lossless", True)
+            result.redacted += bool(info.get("redacted"))
+        result.accepted += added > 0
+        kept.update((k, src.position) for k, _, _ in samples[:added])
         if _PROGRESS is not None:
             with _PROGRESS.get_lock():
                 _PROGRESS.value += 1
     for split in sorted(sequences):
         result.shards.extend(sequences[split].close())
     result.patients = {s: dict(sorted(c.items())) for s, c in sorted(patients.items())}
+    result.dropped_codes = dict(sorted(ctx.dropped.items()))
     result.seconds = time.perf_counter() - t0
+    atomic_write(ctx.job.logs / "rejects" / f"{index:06d}.jsonl", "".join(json.dumps(x) + "\n" for x in log))
     # The marker is written last: its presence means the chunk is complete.
     atomic_write(out / "chunks" / f"{index:06d}.json", json.dumps(result.__dict__))
     return result
+
+
+# Transfer syntaxes that keep every bit: a duplicate instance stored in one of these wins.
+_LOSSLESS_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+})
+
+
+def _in_preference_order(sources: list[_Source]) -> list[_Source]:
+    """This chunk's inputs, copies of one instance next to each other, the best copy first.
+
+    Real exports hold the same image twice (exported again, or in two transfer syntaxes). Both
+    get the same sample keys, and a reader groups a tar's adjacent members by key, so they would
+    merge into one corrupt sample: the first copy converted is kept, the others are rejected as
+    ``duplicate`` (by their keys, after the full read). This order makes the kept one the best:
+    a lossless transfer syntax, then the first in path order, so every rerun keeps the same file;
+    a copy that fails to convert gives the next one its turn. Inputs keep path order otherwise; a
+    group goes where its first member sorts. The UIDs come from a byte scan of each file's first
+    16 kB (a third of a pydicom header parse): a wrong or missing one only changes the order.
+    """
+    found = {s.position: _scan_instance(s.path) for s in sources
+             if Path(s.path).suffix.lower() not in PHOTO_SUFFIXES}
+    groups: dict[str, list[tuple[bool, int, _Source]]] = {}
+    for s in sources:
+        if found.get(s.position):
+            uid, syntax = found[s.position]
+            groups.setdefault(uid, []).append((syntax not in _LOSSLESS_SYNTAXES, s.position, s))
+    order: list[_Source] = []
+    placed: set[str] = set()
+    for s in sources:
+        uid = found[s.position][0] if found.get(s.position) else None
+        if uid is None or len(groups[uid]) == 1:
+            order.append(s)
+        elif uid not in placed:
+            placed.add(uid)
+            order.extend(g[2] for g in sorted(groups[uid], key=lambda g: g[:2]))
+    return order
+
+
+_UID_CHARS = frozenset(b"0123456789.")
+
+
+def _scan_instance(path: str) -> tuple[str, str] | None:
+    """(SOPInstanceUID, TransferSyntaxUID) found in a DICOM file's first 16 kB, or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16384)
+    except OSError:
+        return None
+    if head[128:132] != b"DICM":
+        return None
+
+    def value(at: int, length_format: str) -> str:
+        size = struct.calcsize(length_format)
+        (n,) = struct.unpack_from(length_format, head, at)
+        raw = head[at + size:at + size + n].rstrip(b"\0 ")
+        return raw.decode("ascii") if raw and n <= 64 and set(raw) <= _UID_CHARS else ""
+
+    i = head.find(b"\x02\x00\x10\x00UI", 132)  # the file meta group is always explicit little endian
+    syntax = value(i + 6, "<H") if i >= 0 and i + 8 <= len(head) else ""
+    # The tag's bytes also turn up inside other elements (a length of 0x18): try each occurrence.
+    for tag, order in ((b"\x08\x00\x18\x00", "<"), (b"\x00\x08\x00\x18", ">")):
+        j = head.find(tag, 132)
+        while 0 <= j <= len(head) - 12:
+            vr = head[j + 4:j + 6]
+            if vr == b"UI":
+                uid = value(j + 6, order + "H")
+            elif vr == b"UN":  # explicit VR with a 4-byte length after 2 reserved bytes
+                uid = value(j + 8, order + "I")
+            else:  # implicit VR (little endian only)
+                uid = value(j + 4, "<I") if order == "<" else ""
+            if uid:
+                return uid, syntax
+            j = head.find(tag, j + 1)
+    return None
 
 
 def _encode(ctx: _Context, pixels: np.ndarray) -> tuple[bytes, dict[str, Any]]:
@@ -340,39 +483,73 @@ def _label_counts(ctx: _Context, target: Any) -> dict[str, int]:
 
 
 def _plan(job: PrepJob, sources: list[_Source], labels: LabelTable | None) -> dict[str, Any]:
-    h = hashlib.sha256()
+    # Keyed: an unkeyed hash of the paths could be confirmed by whoever can guess them.
+    h = hmac.new(job.key, b"medscale-prep-inputs", hashlib.sha256)
     for s in sources:
         h.update(s.path.encode() + b"\0")
     return {
         "inputs": len(sources),
-        "inputs_sha256": h.hexdigest(),
+        "inputs_hmac": h.hexdigest(),
         "chunk_files": job.chunk_files,
         "chunks": (len(sources) + job.chunk_files - 1) // job.chunk_files,
-        "config": to_dict(job.cfg),
-        "labels_csv": job.labels_csv,
+        "config": _config_record(job),
+        "labels_sha256": _file_sha256(job.labels_csv) if job.labels_csv else None,
         "task": _task(job.cfg, labels),
         "classes": labels.classes if labels else list(job.cfg.classes) if job.cfg.label_from_dir else [],
         "key_fingerprint": Pseudonymizer(job.key)("fingerprint", "medscale"),
     }
 
 
-def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless resuming or overwriting."""
+_PLAN_CHECKS = {"inputs_hmac": "inputs", "chunk_files": "chunk files", "config": "config",
+                "labels_sha256": "labels CSV contents", "key_fingerprint": "key fingerprint"}
+# Config fields that hold paths: recorded by their contents' hash, never by name.
+_PATH_FIELDS = ("labels_csv", "redact_rules")
+
+
+def _config_record(job: PrepJob) -> dict[str, Any]:
+    cfg = to_dict(job.cfg)
+    for name in _PATH_FIELDS:
+        if cfg.get(name):
+            path = job.labels_csv if name == "labels_csv" and job.labels_csv else cfg[name]
+            cfg[name] = f"sha256:{_file_sha256(path)}" if os.path.isfile(path) else "set"
+    return cfg
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare_output(out: Path, *, resume: bool, overwrite: bool, log_dir: Path | None = None) -> None:
+    """Refuse a non-empty output directory unless resuming or overwriting; check the log directory.
+
+    The log directory (default `default_log_dir`) may not lie inside the output: it names sources.
+    """
+    logs = Path(log_dir) if log_dir is not None else default_log_dir(out)
+    if logs.resolve().is_relative_to(Path(out).resolve()):
+        raise ConfigError(f"--log-dir {logs} is inside --out {out}: the reject log names source files and "
+                          "must stay out of the shard directory; choose a directory beside it")
     if out.exists() and any(out.iterdir()):
         if overwrite:
             shutil.rmtree(out)
+            shutil.rmtree(logs / "rejects", ignore_errors=True)
         elif not resume:
             raise ConfigError(
                 f"output directory {out} is not empty; pass --resume to continue an interrupted prep "
                 "or --overwrite to start again"
             )
     (out / "chunks").mkdir(parents=True, exist_ok=True)
+    (logs / "rejects").mkdir(parents=True, exist_ok=True)
 
 
 def run_prep(job: PrepJob, *, progress: bool | None = None) -> dict[str, Any] | None:
     """Run this task's share of the chunks; merge and return the manifest when it is the only task."""
     # Read the CSV here first: a bad CSV fails before any worker starts.
     labels = load_labels(job.cfg, job.labels_csv) if job.labels_csv else None
+    require_ocr(job.cfg)  # here, not in the workers: a missing Tesseract stops the run before it starts
     splits = _stratified_splits(job, labels)
     sources = discover_inputs(job.inputs, job.cfg.include)
     if not sources:
@@ -381,10 +558,10 @@ def run_prep(job: PrepJob, *, progress: bool | None = None) -> dict[str, Any] | 
     plan_path = job.out / "plan.json"
     if plan_path.exists():
         old = json.loads(plan_path.read_text())
-        for k in ("inputs_sha256", "chunk_files", "config", "key_fingerprint"):
+        for k in _PLAN_CHECKS:
             if old.get(k) != plan.get(k):
                 raise ConfigError(
-                    f"{plan_path} was written for different {k.replace('_', ' ')}; resume only with the same "
+                    f"{plan_path} was written for different {_PLAN_CHECKS[k]}; resume only with the same "
                     "inputs, recipe, chunk size and key, or use --overwrite"
                 )
     else:
@@ -400,7 +577,7 @@ def run_prep(job: PrepJob, *, progress: bool | None = None) -> dict[str, Any] | 
              len([i for i in range(plan["chunks"]) if i % job.num_tasks == job.task_index]) - len(chunks))
     _run_chunks(job, labels, splits, chunks, todo_inputs, progress if progress is not None else on_terminal())
     if job.num_tasks == 1:
-        return merge(job.out)
+        return merge(job.out, log_dir=job.logs)
     return None
 
 
@@ -425,21 +602,36 @@ def _run_chunks(job: PrepJob, labels: LabelTable | None, splits: dict[str, str] 
             _process_chunk(c)
             report()
     else:
+        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
+
         # fork keeps start-up cheap: workers inherit the parsed labels instead of re-reading the CSV.
-        with mp.get_context("fork").Pool(job.workers, initializer=_init_worker,
-                                         initargs=(job, labels, splits, counter)) as pool:
-            pending = pool.map_async(_process_chunk, chunks, chunksize=1)
-            while not pending.ready():
-                pending.wait(_POLL_S)
+        # An executor rather than mp.Pool: a worker killed inside a C decoder (a codec that aborts
+        # on a corrupt stream, the OOM killer) breaks the executor instead of hanging the run.
+        with ProcessPoolExecutor(job.workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                                 initargs=(job, labels, splits, counter)) as pool:
+            futures = [pool.submit(_process_chunk, c) for c in chunks]
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_EXCEPTION)
                 report()
-            pending.get()  # re-raises a worker's exception here
+                try:
+                    for f in done:
+                        f.result()  # re-raises a worker's exception here
+                except BrokenProcessPool:
+                    unfinished = [c[0] for c, f in zip(chunks, futures) if not f.done() or f.exception()]
+                    raise PrepIncomplete(
+                        f"a prep worker process died (killed, out of memory, or a decoder crashed) while "
+                        f"converting chunks {unfinished[:5]}; finished chunks are kept: rerun with --resume, "
+                        "and with --workers 1 --chunk-files 1 to find the input that kills it") from None
     report()
     pbar.close()
 
 
-def merge(out: Path) -> dict[str, Any]:
-    """Build manifest.json, rejects.jsonl and the wids indexes from the chunk markers."""
+def merge(out: Path, log_dir: Path | None = None) -> dict[str, Any]:
+    """Build manifest.json and the wids indexes from the chunk markers, and LOG_DIR/rejects.jsonl."""
     out = Path(out)
+    logs = Path(log_dir) if log_dir is not None else default_log_dir(out)
     plan = json.loads((out / "plan.json").read_text())
     results = []
     missing = []
@@ -455,7 +647,14 @@ def merge(out: Path) -> dict[str, Any]:
             f"(first: {missing[:5]}); rerun the prep tasks with --resume"
         )
     shards = sorted((s for r in results for s in r["shards"]), key=lambda s: s["path"])
-    rejects = sorted((x for r in results for x in r["rejects"]), key=lambda x: x["path"])
+    rejects = sorted((x for r in results for x in r["rejects"]), key=lambda x: x["input"])
+    reject_log, unlogged = [], []
+    for i in range(plan["chunks"]):
+        part = logs / "rejects" / f"{i:06d}.jsonl"
+        if part.exists():
+            reject_log.extend(json.loads(line) for line in part.read_text().splitlines() if line)
+        elif results[i]["rejects"]:
+            unlogged.append(i)
     split_patients: dict[str, set[str]] = {}
     per_patient: Counter = Counter()
     for r in results:
@@ -468,6 +667,7 @@ def merge(out: Path) -> dict[str, Any]:
             if p in seen and seen[p] != split:
                 raise RuntimeError(f"patient {p} appears in splits {seen[p]} and {split}: refusing to write a leaky manifest")
             seen[p] = split
+    repeated = _keys_in_several_chunks(out, shards)
     largest = max(per_patient.values(), default=0)
     total = sum(s["samples"] for s in shards)
     warnings = []
@@ -480,6 +680,13 @@ def merge(out: Path) -> dict[str, Any]:
         warnings.append(f"{total - stratified} of {total} samples belong to patients the labels CSV does not "
                         "name (for DICOM: whose PatientID differs from the CSV's patient column); they got the "
                         "plain hash split, not the stratified one")
+    if repeated:
+        warnings.append(f"{repeated} sample keys (SOPInstanceUIDs) occur in more than one chunk: the same image "
+                        "exported twice, in files that sort far apart; prep keeps one instance per chunk only, so "
+                        "these samples are counted twice (a larger --chunk-files puts such copies together)")
+    if unlogged:
+        warnings.append(f"the reject log of chunks {unlogged[:5]} is missing from {logs}: their rejected files "
+                        "are counted but not listed (was --log-dir different for those tasks?)")
     for w in warnings:
         log.warning(w)
     cfg = plan["config"]
@@ -498,8 +705,29 @@ def merge(out: Path) -> dict[str, Any]:
             "lossy_samples": sum(r.get("lossy", 0) for r in results),
             "rejected": len(rejects),
             "reject_reasons": dict(sorted(Counter(x["reason"] for x in rejects).items())),
+            "keys_in_several_chunks": repeated,
+            # burned_in: redact; images that still showed text are in reject_reasons as "quarantined".
+            "redacted_samples": sum(r.get("redacted", 0) for r in results),
+            # Coded strings that were not DICOM defined terms (a surname in BodyPartExamined): left out.
+            "dropped_codes": dict(sorted(sum((Counter(r.get("dropped_codes", {})) for r in results), Counter()).items())),
         },
     )
     write_manifest(out, manifest)
-    atomic_write(out / "rejects.jsonl", "".join(json.dumps(x) + "\n" for x in rejects))
+    reject_log.sort(key=lambda x: x["input"])
+    atomic_write(logs / "rejects.jsonl", "".join(json.dumps(x) + "\n" for x in reject_log))
     return manifest
+
+
+def _keys_in_several_chunks(out: Path, shards: list[dict[str, Any]]) -> int:
+    """How many sample keys occur in the shards of more than one chunk (from the shard indexes)."""
+    from medscale.formats.tar import decode_index
+
+    first: dict[str, str] = {}
+    repeated = set()
+    for s in shards:
+        chunk = s["path"].rsplit("-", 2)[-2]
+        idx = decode_index((out / s["index"]).read_bytes(), s["index"])
+        for key, _ in idx.samples:
+            if first.setdefault(key, chunk) != chunk:
+                repeated.add(key)
+    return len(repeated)
