@@ -667,7 +667,7 @@ def merge(out: Path, log_dir: Path | None = None) -> dict[str, Any]:
             if p in seen and seen[p] != split:
                 raise RuntimeError(f"patient {p} appears in splits {seen[p]} and {split}: refusing to write a leaky manifest")
             seen[p] = split
-    repeated = _keys_in_several_chunks(out, shards)
+    repeated = _keys_in_several_chunks(out, results)
     largest = max(per_patient.values(), default=0)
     total = sum(s["samples"] for s in shards)
     warnings = []
@@ -718,16 +718,16 @@ def merge(out: Path, log_dir: Path | None = None) -> dict[str, Any]:
     return manifest
 
 
-def _keys_in_several_chunks(out: Path, shards: list[dict[str, Any]]) -> int:
+def _keys_in_several_chunks(out: Path, results: list[dict[str, Any]]) -> int:
     """How many sample keys occur in the shards of more than one chunk (from the shard indexes)."""
     from medscale.formats.tar import decode_index
 
-    first: dict[str, str] = {}
+    first: dict[str, int] = {}
     repeated = set()
-    for s in shards:
-        chunk = s["path"].rsplit("-", 2)[-2]
-        idx = decode_index((out / s["index"]).read_bytes(), s["index"])
-        for key, _ in idx.samples:
-            if first.setdefault(key, chunk) != chunk:
-                repeated.add(key)
+    for r in results:  # one chunk marker each: its index and the shards it wrote
+        for s in r["shards"]:
+            idx = decode_index((out / s["index"]).read_bytes(), s["index"])
+            for key, _ in idx.samples:
+                if first.setdefault(key, r["index"]) != r["index"]:
+                    repeated.add(key)
     return len(repeated)
