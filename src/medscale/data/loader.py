@@ -38,7 +38,9 @@ BENCHMARKS.md). What an open costs:
 
 Batches are dicts: ``image`` (B, C, H, W) float, ``target`` (class indices, or 0/1 floats for
 multi-label; absent when the stream reads no labels, ``labels=False``), ``key``, ``patient``,
-``study``, ``valid`` (bool; False for padding and stand-ins) and ``stats`` (see below).
+``study``, ``valid`` (bool; False for padding and stand-ins), ``seed`` (int64, the sample's own
+seed: a function of the run seed, the epoch and the sample's position only, so the same on any
+number of ranks; fixed per position in evaluation) and ``stats`` (see below).
 
 Labels are optional in shards (`medscale.formats.sample`). A stream built with ``labels=True``
 (the default: classification) needs a labeled manifest and counts a sample without a label as
@@ -343,13 +345,18 @@ class ShardStream(IterableDataset):
         if raw is None:
             acct.corrupt(f"sample {index} of {self.urls[shard]} is missing or unreadable")
             return None
+        # The sample's seed depends on (seed, epoch, position) only: the same for any world size.
+        # Training augmentation draws from it; evaluation samples get one fixed per position (an
+        # objective that draws per sample, such as MAE's masks, sees the same draw every time).
+        seed = _mix(acct.seed_base + position) if self.train else _mix(position)
         if self.transform.train:
-            # Augmentation depends on (seed, epoch, position) only: the same for any world size.
             # Only the CPU generator: torch.manual_seed also queues lazy CUDA seeding, which
             # captures a stack trace each call.
-            torch.default_generator.manual_seed(_mix(acct.seed_base + position))
+            torch.default_generator.manual_seed(seed)
         try:
-            return decode_sample(raw, self.transform, self.task, self.num_classes, self.labels)
+            item = decode_sample(raw, self.transform, self.task, self.num_classes, self.labels)
+            item["seed"] = seed
+            return item
         except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt sample: counted, logged, skipped
             acct.corrupt(f"sample {raw.get('__key__')} in {raw.get('__url__')}: {type(e).__name__}: {e}")
             return None
@@ -372,7 +379,7 @@ class ShardStream(IterableDataset):
 
     def _padding(self) -> dict[str, Any]:
         c, s = self.cfg.channels, self.cfg.image_size
-        item = {"image": torch.zeros(c, s, s), "key": "", "patient": "", "study": "", "valid": False}
+        item = {"image": torch.zeros(c, s, s), "key": "", "patient": "", "study": "", "valid": False, "seed": 0}
         if self.labels:
             item["target"] = [0.0] * self.num_classes if self.task == "multilabel" else -1
         return item
@@ -539,6 +546,7 @@ def _collate(items: list[dict[str, Any]], buffers: _SharedBuffers | None = None)
         "patient": [x["patient"] for x in items],
         "study": [x["study"] for x in items],
         "valid": [x["valid"] for x in items],
+        "seed": [x["seed"] for x in items],
     }
     if items and "target" in items[0]:  # a stream without labels has no targets
         batch["target"] = [x["target"] for x in items]  # lists: made tensors in the main process (`_tensors`)
@@ -550,6 +558,7 @@ def _tensors(batch: Batch, task: str) -> Batch:
     if "target" in batch:
         batch["target"] = torch.tensor(batch["target"], dtype=torch.float32 if task == "multilabel" else torch.long)
     batch["valid"] = torch.tensor(batch["valid"], dtype=torch.bool)
+    batch["seed"] = torch.tensor(batch["seed"], dtype=torch.int64)
     return batch
 
 
