@@ -19,10 +19,17 @@ start-up, reported separately, does not count), best of ``--repeat`` epochs: the
 shared and the best run is the one least disturbed. CPU per sample covers whole epochs, all
 processes and threads (workers, their helper threads, the main process). A plan-only section
 computes the read amplification of larger deployments from the loader's own order (no I/O).
-About 80 s on 2 cores.
+About 100 s on 2 cores.
 
-The last output line is one JSON object with ``ratio_vs_bare``, ``scaling_2_workers`` and the
-DICOM dataset's rates (``dicom_per_s_1_worker``, ``dicom_per_s_2_workers``).
+Where the transforms run (``data.transforms_on``): the same stream with 1 worker, once with the
+transforms in the worker (cpu) and once with the worker only decoding and cropping (gpu); CPU of
+the worker processes per sample delivered (getrusage of the joined workers, their helper threads
+included). This machine has no GPU: on the gpu path the batched transforms run on the CPU device in
+the main process (`to_device`), and their CPU time is reported separately, not counted as worker CPU.
+
+The last output line is one JSON object with ``ratio_vs_bare``, ``scaling_2_workers``, the
+DICOM dataset's rates (``dicom_per_s_1_worker``, ``dicom_per_s_2_workers``) and
+``cpu_ms_per_sample_cpu_transforms`` / ``cpu_ms_per_sample_gpu_transforms`` (worker CPU).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from medscale.formats.codec import encode_pixels, extension_for
 from medscale.config import DataConfig
 from medscale.prep.config import PrepConfig
+from medscale.data.device import to_device
 from medscale.data.loader import ShardStream, decode_sample, make_loader
 from medscale.data.order import EpochOrder, train_batch_ids
 from medscale.data.reader import ShardReader
@@ -58,9 +66,9 @@ WINDOWS = [[40.0, 400.0], [50.0, 150.0], [600.0, 2800.0]]  # soft tissue, brain,
 MB = 32  # TrainConfig.micro_batch_size default
 
 
-def data_config(workers: int) -> DataConfig:
+def data_config(workers: int, transforms_on: str = "cpu") -> DataConfig:
     return DataConfig(image_size=224, channels=3, windows=WINDOWS, normalize="window", num_workers=workers,
-                      shuffle_block=256)
+                      shuffle_block=256, transforms_on=transforms_on)
 
 
 # -- inputs ------------------------------------------------------------------------------------------
@@ -161,8 +169,8 @@ def bare_run(raws: list[dict[str, Any]], transform: SampleTransform) -> dict[str
     torch.set_num_threads(1)  # as in a DataLoader worker
     cpu0, t = cpu_seconds(), time.perf_counter()
     batch = []
-    for raw in raws:
-        batch.append(decode_sample(raw, transform, "multiclass", 2))
+    for i, raw in enumerate(raws):
+        batch.append(decode_sample(raw, transform, "multiclass", 2, seed=i))
         if len(batch) == MB:
             torch.stack([x["image"] for x in batch])
             batch = []
@@ -183,6 +191,39 @@ class DicomDataset(torch.utils.data.Dataset):
         ds = pydicom.dcmread(self.files[i])
         hu = np.rint(apply_modality_lut(ds.pixel_array, ds)).astype(np.int16)
         return self.transform(hu, {"photometric": ds.PhotometricInterpretation}), self.labels[self.files[i].name]
+
+
+def transforms_split(out: Path, transforms_on: str, workers: int = 1, last_batches: int = 0) -> dict[str, float]:
+    """One epoch (or its `last_batches`) through `make_loader` + `to_device` (CPU device): CPU per
+    sample delivered of the workers and of the main process, and the main thread's CPU inside
+    `to_device` (on the gpu path: the batched transforms, run on the CPU device here)."""
+    me0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    s = ShardStream(str(out), "train", data_config(workers, transforms_on), micro_batch=MB, seed=0)
+    if last_batches:
+        s.load_state_dict(dict(s.state_dict(), position=(s.batches_per_epoch() - last_batches) * MB))
+    n, in_move, t0 = 0, 0.0, time.perf_counter()
+    for b in make_loader(s, torch.device("cpu")):
+        t = time.thread_time()
+        n += len(to_device(b, torch.device("cpu"), torch.float32)["image"])
+        in_move += time.thread_time() - t
+    wall = time.perf_counter() - t0
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker = kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime  # the workers are joined
+    main = me.ru_utime + me.ru_stime - me0.ru_utime - me0.ru_stime
+    return {"worker_ms": 1e3 * worker / n, "main_ms": 1e3 * main / n, "to_device_ms": 1e3 * in_move / n,
+            "rate": n / wall, "worker_s": worker, "samples": n}
+
+
+def best_split(repeat: int, out: Path, transforms_on: str) -> dict[str, float]:
+    """The least disturbed of ``repeat`` epochs: lowest CPU figures, highest rate; and the workers'
+    steady-state CPU per sample, without their start-up (a whole epoch less a 2-batch epoch end:
+    worker start-up is amortised over millions of samples in a real epoch, over 768 here)."""
+    runs = [transforms_split(out, transforms_on) for _ in range(repeat)]
+    ends = [transforms_split(out, transforms_on, last_batches=2) for _ in range(repeat)]
+    out_ = {k: min(r[k] for r in runs) if k != "rate" else max(r[k] for r in runs) for k in runs[0]}
+    whole, end = min(runs, key=lambda r: r["worker_s"]), min(ends, key=lambda r: r["worker_s"])
+    out_["worker_steady_ms"] = 1e3 * (whole["worker_s"] - end["worker_s"]) / (whole["samples"] - end["samples"])
+    return out_
 
 
 def dicom_loader(files, labels, workers: int) -> torch.utils.data.DataLoader:
@@ -264,6 +305,13 @@ def main() -> None:
         show("DICOM dataset, 1 worker", d1)
         d2 = best(args.repeat, lambda: measure(lambda: dicom_loader(files, labels, 2), 2))
         show("DICOM dataset, 2 workers", d2)
+
+        split = {mode: best_split(args.repeat, out, mode) for mode in ("cpu", "gpu")}
+        for mode, r in split.items():
+            print(f"data.transforms_on={mode}, 1 worker: worker CPU {r['worker_ms']:.2f} ms/sample "
+                  f"({r['worker_steady_ms']:.2f} without worker start-up), main process "
+                  f"{r['main_ms']:.2f} ms/sample (of which to_device {r['to_device_ms']:.2f}), "
+                  f"{r['rate']:.1f} samples/s")
         per_image = shard_bytes / args.images
 
     t = time.perf_counter()
@@ -291,6 +339,16 @@ def main() -> None:
                               "dicom": round(d1["cpu_ms_per_sample"], 2)},
         "cpu_ratio_vs_bare": round(bare["cpu_ms_per_sample"] / s1["cpu_ms_per_sample"], 3),
         "first_batch_s_1_worker": round(s1["first_batch_s"], 2),
+        "cpu_ms_per_sample_cpu_transforms": round(split["cpu"]["worker_ms"], 2),
+        "cpu_ms_per_sample_gpu_transforms": round(split["gpu"]["worker_ms"], 2),
+        "worker_steady_ms_per_sample": {mode: round(r["worker_steady_ms"], 2) for mode, r in split.items()},
+        "main_ms_per_sample": {mode: round(r["main_ms"], 2) for mode, r in split.items()},
+        "gpu_transforms_main_process_ms_per_sample": round(split["gpu"]["to_device_ms"], 2),
+        "transforms_note": ("cpu_ms_per_sample_*: CPU of the loader worker processes (1 worker, helper threads "
+                            "included) per sample delivered, best of --repeat whole epochs "
+                            "(worker_steady_ms_per_sample: without worker start-up); no GPU here: on the gpu path "
+                            "the batched transforms ran on the CPU device in the main process "
+                            "(gpu_transforms_main_process_ms_per_sample), not counted as worker CPU"),
         "local_read_amplification": round(read["bytes"] / shard_bytes, 3),
         "shard_bytes_per_image": round(per_image),
         "plan": plans,

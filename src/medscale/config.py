@@ -104,6 +104,11 @@ class DataConfig:
     """Random gamma in [1/(1+g), 1+g], log-uniform (0 disables; not applied to z-scored images)."""
     hflip: bool = False
     """Random horizontal flips. Off by default: laterality matters in chest X-ray and many CTs."""
+    transforms_on: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where windowing, normalisation and augmentation run: ``cpu`` in the loader workers; ``gpu``
+    batched on the model's device (workers only decode and crop); ``auto`` gpu when training on
+    CUDA, else cpu. Both give the same images for the same seeds; ``gpu`` without a GPU runs the
+    batched transforms on the CPU in the main process."""
 
 
 @dataclass
@@ -152,6 +157,10 @@ class TrainConfig:
     """Label smoothing for multiclass cross-entropy."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Training precision; fp16 needs a GPU."""
+    compile: bool = False
+    """Compile the model with torch.compile (inductor) through DeepSpeed's ``engine.compile()``; the
+    module is compiled in place, so weights and checkpoints keep their parameter names. The first
+    steps (and the first evaluation) pay the compilation; needs a C/C++ compiler on the machine."""
     seed: int = 0
     """Seed for weights, data order and augmentation."""
     log_every: int = 10

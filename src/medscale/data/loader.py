@@ -36,11 +36,22 @@ BENCHMARKS.md). What an open costs:
 - remote shards without a cache: one full stream per open; only the members this worker uses
   are kept, undecoded, until used.
 
-Batches are dicts: ``image`` (B, C, H, W) float, ``target`` (class indices, or 0/1 floats for
+Batches are dicts: ``image`` (B, C, H, W) float (or, when the transforms run on the device,
+``pixels``, ``params`` and ``device_transform`` instead, see below), ``target`` (class indices, or 0/1 floats for
 multi-label; absent when the stream reads no labels, ``labels=False``), ``key``, ``patient``,
 ``study``, ``valid`` (bool; False for padding and stand-ins), ``seed`` (int64, the sample's own
 seed: a function of the run seed, the epoch and the sample's position only, so the same on any
 number of ranks; fixed per position in evaluation) and ``stats`` (see below).
+
+Where the transforms run (``data.transforms_on``, resolved by `make_loader` from the device it is
+given: ``auto`` is gpu on CUDA, else cpu; a loader made without a device always gives finished
+images): on the cpu path the workers return finished images. On
+the gpu path they only read, decode, draw each sample's parameters from its seed and cut the
+pixels to the crop box; a batch then carries ``pixels`` (B, 1 or 3, H, W) in the stored dtype,
+each sample top-left and zero-padded to the batch's largest crop, ``params`` (B, P) float64 (see
+`medscale.data.transforms.PARAMS`) and ``device_transform``, and `medscale.data.device.to_device`
+moves it (pinned, non-blocking on CUDA) and applies the ops batched on the device. Both paths give
+the same images for the same seeds.
 
 Labels are optional in shards (`medscale.formats.sample`). A stream built with ``labels=True``
 (the default: classification) needs a labeled manifest and counts a sample without a label as
@@ -102,21 +113,28 @@ def _opt(cfg: DataConfig, name: str, default: Any) -> Any:
 
 
 def decode_sample(raw: dict[str, Any], transform: SampleTransform, task: str, num_classes: int,
-                  labels: bool = True) -> dict[str, Any]:
+                  labels: bool = True, *, seed: int | None = None, defer: bool = False) -> dict[str, Any]:
     """One raw shard sample (``json`` + ``pix.*`` bytes) to an item of a batch.
 
     With ``labels`` the item has a ``target`` and a sample without a label is an error; without,
     labels are not read and the item has no ``target``. The target stays a Python value (class
     index, or 0/1 list for multi-label): the loader turns a batch's targets into one tensor in the
-    main process, which spares a tensor hand-over between processes.
+    main process, which spares a tensor hand-over between processes. ``seed`` is the sample's
+    augmentation seed (None: drawn from torch's global generator). With ``defer`` the item holds
+    ``pixels`` (the stored-dtype crop) and ``params`` instead of ``image`` (the gpu path).
 
     Raises:
         ValueError: (or a decoder error) for a sample that cannot be used; the caller counts it.
     """
     key = raw.get("__key__", "?")
     pixels, info, label = decode_members(raw, task, num_classes, labels=labels)
-    item = {"image": transform(pixels, info), "key": key, "patient": info.get("patient") or "",
-            "study": info.get("study") or "", "valid": True}
+    if defer:
+        crop, params = transform.prepare(pixels, seed if seed is not None else 0)
+        item = {"pixels": crop, "params": params}
+    else:
+        item = {"image": transform(pixels, info, seed)}
+    item.update({"key": key, "patient": info.get("patient") or "", "study": info.get("study") or "",
+                 "valid": True})
     if labels:
         if label is None:
             raise ValueError(f"sample {key} has no {label_field(task)!r} in a labeled split")
@@ -182,6 +200,10 @@ class ShardStream(IterableDataset):
         self.task = task_of(self.manifest)
         self.num_classes = len(self.manifest.get("classes") or [])
         self.transform = SampleTransform(cfg, train=train)
+        self.transforms_on = str(_opt(cfg, "transforms_on", "auto"))
+        if self.transforms_on not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"data.transforms_on={self.transforms_on!r}: expected auto, cpu or gpu")
+        self.deferred = False  # `make_loader` resolves data.transforms_on from its device
         self.max_corrupt_fraction = float(_opt(cfg, "max_corrupt_fraction", 0.01))
         self.class_balance = float(_opt(cfg, "class_balance", 0.0)) if train else 0.0
         if self.class_balance > 0 and not labels:
@@ -350,11 +372,13 @@ class ShardStream(IterableDataset):
         # objective that draws per sample, such as MAE's masks, sees the same draw every time).
         seed = _mix(acct.seed_base + position) if self.train else _mix(position)
         if self.transform.train:
-            # Only the CPU generator: torch.manual_seed also queues lazy CUDA seeding, which
-            # captures a stack trace each call.
+            # The transforms draw from `seed` itself; torch's generator is seeded too for anything
+            # else a worker draws. Only the CPU generator: torch.manual_seed also queues lazy CUDA
+            # seeding, which captures a stack trace each call.
             torch.default_generator.manual_seed(seed)
         try:
-            item = decode_sample(raw, self.transform, self.task, self.num_classes, self.labels)
+            item = decode_sample(raw, self.transform, self.task, self.num_classes, self.labels, seed=seed,
+                                 defer=self.deferred)
             item["seed"] = seed
             return item
         except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt sample: counted, logged, skipped
@@ -379,12 +403,30 @@ class ShardStream(IterableDataset):
 
     def _padding(self) -> dict[str, Any]:
         c, s = self.cfg.channels, self.cfg.image_size
-        item = {"image": torch.zeros(c, s, s), "key": "", "patient": "", "study": "", "valid": False, "seed": 0}
+        if self.deferred:
+            pixels, params = self.transform.blank()
+            item: dict[str, Any] = {"pixels": pixels, "params": params}
+        else:
+            item = {"image": torch.zeros(c, s, s)}
+        item.update({"key": "", "patient": "", "study": "", "valid": False, "seed": 0})
         if self.labels:
             item["target"] = [0.0] * self.num_classes if self.task == "multilabel" else -1
         return item
 
     # -- main-process side (called by StreamLoader) ---------------------------------------------
+
+    def resolve_transforms(self, device: torch.device | str | None) -> str:
+        """Where the transforms run for batches bound for `device` (``data.transforms_on``; auto:
+        gpu when `device` is CUDA, else cpu; with no device, cpu: callers that read
+        ``batch["image"]`` straight from the loader keep working); sets `deferred`. Called by
+        `make_loader` before the workers start."""
+        mode = self.transforms_on
+        if device is None:
+            mode = "cpu"
+        elif mode == "auto":
+            mode = "gpu" if torch.device(device).type == "cuda" else "cpu"
+        self.deferred = mode == "gpu"
+        return mode
 
     def _consumed(self, stats: dict[str, Any], index: int, total: int) -> None:
         if stats["batch"] != index:
@@ -479,13 +521,13 @@ _PAGE_BYTES = 4096  # madvise takes a page-aligned start
 _LIBC: Any = None
 
 
-def _new_shared(shape: tuple[int, ...], populate: bool = False) -> torch.Tensor:
-    """An uninitialised float32 tensor in shared memory (how torch's default_collate allocates)."""
+def _new_shared(shape: tuple[int, ...], populate: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor in shared memory (how torch's default_collate allocates)."""
     numel = 1
     for d in shape:
         numel *= d
-    storage = torch.empty(0)._typed_storage()._new_shared(numel, device="cpu")
-    t = torch.empty(0).new(storage).resize_(*shape)
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize, device="cpu")
+    t = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
     if populate and numel:
         global _LIBC
         try:
@@ -507,21 +549,31 @@ class _SharedBuffers:
 
     A batch crosses to the main process in shared memory, which must be freshly allocated for
     every batch; faulting in its pages (a cost BENCHMARKS.md measures) is done by a helper thread
-    while the worker decodes the next samples.
+    while the worker decodes the next samples. Buffers are prepared by size (the largest so far):
+    the gpu path's padded pixel batches change shape from batch to batch.
     """
 
     def __init__(self) -> None:
         self._pool: Any = None
         self._next: Any = None
-        self._shape: tuple[int, ...] | None = None
+        self._dtype: torch.dtype | None = None
+        self._numel = 0
 
-    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
-        buf = self._next.result() if self._next is not None and self._shape == shape else _new_shared(shape)
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if self._next is not None and self._dtype == dtype and numel <= self._numel:
+            buf = self._next.result()[:numel].view(shape)
+        else:
+            buf = _new_shared(shape, dtype=dtype)
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="medscale-shm")
-        self._shape, self._next = shape, self._pool.submit(_new_shared, shape, True)
+        self._numel = max(numel, self._numel if self._dtype == dtype else 0)
+        self._dtype = dtype
+        self._next = self._pool.submit(_new_shared, (self._numel,), True, dtype)
         return buf
 
     def close(self) -> None:
@@ -539,9 +591,45 @@ def _stack(tensors: list[torch.Tensor], buffers: _SharedBuffers | None = None) -
     return torch.stack(tensors, out=out)
 
 
+# Stored dtypes the gpu path ships as they are; anything else is widened (uint32) or narrowed to
+# float32 (float64), as the cpu path's float32 conversion would.
+_SHIPPED = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int8): torch.int8, np.dtype(np.uint16): torch.uint16,
+            np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}
+
+
+def _pad_pixels(crops: list[np.ndarray], buffers: _SharedBuffers | None = None) -> torch.Tensor:
+    """(C, h, w) crops of one batch in one (B, C, H, W) tensor of their common dtype, each top-left,
+    zero-padded to the largest; in shared memory in a worker.
+
+    Padding rather than grouping by size: the batch keeps its order (exact resume) and the device
+    resizes it in one pass; the cost is the padding bytes, about 10% for same-size sources and
+    their random crops.
+    """
+    dtype = np.result_type(*[c.dtype for c in crops])
+    tdtype = _SHIPPED.get(dtype, torch.int64 if dtype.kind in "ui" else torch.float32)
+    shape = (len(crops), max(c.shape[0] for c in crops), max(c.shape[1] for c in crops),
+             max(c.shape[2] for c in crops))
+    if get_worker_info() is not None:
+        out = buffers.take(shape, tdtype) if buffers is not None else _new_shared(shape, dtype=tdtype)
+    else:
+        out = torch.empty(shape, dtype=tdtype)
+    for k, crop in enumerate(crops):
+        c, h, w = crop.shape
+        out[k, :c, :h, :w].copy_(torch.from_numpy(crop))
+        out[k, c:].zero_()  # the padding: fresh shared memory is zero already, reused buffers are not
+        out[k, :c, h:].zero_()
+        out[k, :c, :h, w:].zero_()
+    return out
+
+
 def _collate(items: list[dict[str, Any]], buffers: _SharedBuffers | None = None) -> Batch:
+    if items and "pixels" in items[0]:  # the gpu path: stored-dtype crops and their parameters
+        pixels: Batch = {"pixels": _pad_pixels([x["pixels"] for x in items], buffers),
+                         "params": torch.from_numpy(np.stack([x["params"] for x in items]))}
+    else:
+        pixels = {"image": _stack([x["image"] for x in items], buffers)}
     batch = {
-        "image": _stack([x["image"] for x in items], buffers),
+        **pixels,
         "key": [x["key"] for x in items],
         "patient": [x["patient"] for x in items],
         "study": [x["study"] for x in items],
@@ -569,11 +657,14 @@ class StreamLoader(DataLoader):
     batch's worker stats to the stream's counters, in the main process.
     """
 
-    def __init__(self, stream: ShardStream):
+    def __init__(self, stream: ShardStream, device: torch.device | str | None = None):
         workers = stream.cfg.num_workers
+        cuda = device is not None and torch.device(device).type == "cuda"
+        self.transforms_on = stream.resolve_transforms(device)
+        # Pinned batches let the copy to the GPU run asynchronously (non_blocking in `to_device`).
         super().__init__(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                          prefetch_factor=_PREFETCH if workers else None, in_order=True,
-                         worker_init_fn=_ignore_stop_signals if workers else None)
+                         worker_init_fn=_ignore_stop_signals if workers else None, pin_memory=cuda)
         self.stream = stream
 
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
@@ -581,6 +672,8 @@ class StreamLoader(DataLoader):
         total = stream.remaining_batches()
         for index, batch in enumerate(super().__iter__()):
             stream._consumed(batch["stats"], index, total)
+            if "pixels" in batch:
+                batch["device_transform"] = stream.transform  # applied by `to_device`
             yield _tensors(batch, stream.task)
 
 
@@ -599,6 +692,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def make_loader(stream: ShardStream) -> StreamLoader:
-    """A loader over `stream`: batching happens in the workers (batch_size=None), order is kept."""
-    return StreamLoader(stream)
+def make_loader(stream: ShardStream, device: torch.device | str | None = None) -> StreamLoader:
+    """A loader over `stream` for batches bound for `device`, which decides where the transforms
+    run (``data.transforms_on``; without a device always in the workers) and whether batches are
+    pinned (CUDA): batching happens in the workers (batch_size=None), order is kept. Move each
+    batch with `medscale.data.device.to_device`."""
+    return StreamLoader(stream, device)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from medscale.config import ConfigError, EvalConfig, RunConfig
+from medscale.data.device import to_device
 from medscale.data.loader import ShardStream, make_loader
 from medscale.files import atomic_write
 from medscale.dist import all_gather_objects
@@ -95,9 +96,10 @@ def predict(model: Any, stream: ShardStream, dtype: torch.dtype, device: torch.d
     corrupt_before = stream.corrupt_count
     candidates = _Candidates(samples_per_class)
     bar = Progress(stream.batches_per_epoch(), desc=f"eval {stream.split}", unit="batch", enabled=stream.rank == 0)
-    for batch in make_loader(stream):
+    for batch in make_loader(stream, device):
         bar.update()
-        logits = model(batch["image"].to(device=device, dtype=dtype)).float()
+        image = to_device(batch, device, dtype)["image"]  # on data.transforms_on=gpu, transformed there
+        logits = model(image).float()
         p = torch.sigmoid(logits) if stream.task == "multilabel" else torch.softmax(logits, dim=-1)
         valid = batch["valid"]
         mask = valid.tolist()
@@ -113,7 +115,7 @@ def predict(model: Any, stream: ShardStream, dtype: torch.dtype, device: torch.d
             target = batch["target"]
             for i in np.flatnonzero(mask):
                 classes = target[i].nonzero().flatten().tolist() if target.ndim == 2 else [int(target[i])]
-                candidates.offer(batch["key"][i], classes, batch["image"][i])
+                candidates.offer(batch["key"][i], classes, image[i])
             candidates.prune()
     bar.close()
     model.train(was_training)

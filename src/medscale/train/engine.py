@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -120,6 +122,11 @@ def _check_lamb(ds: dict[str, Any], stage: int, offload: bool, world: int, path:
                           "rank's trust ratio would see only its slice; use train.optimizer=adamw")
 
 
+def _cxx_compiler() -> str | None:
+    """The C++ compiler inductor uses on the CPU ($CXX, else g++: torch._inductor.config.cpp.cxx), if found."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
 def input_dtype(engine: Any) -> torch.dtype:
     """The dtype the wrapped model expects for its inputs."""
     if engine.bfloat16_enabled():
@@ -156,4 +163,30 @@ def build_engine(model: nn.Module, cfg: RunConfig, world: int, ds_config: dict[s
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg)),
         config=ds_config,
     )
+    if cfg.train.compile:
+        _compile(engine)
     return engine
+
+
+def _compile(engine: Any) -> None:
+    """torch.compile the engine's module in place (DeepSpeed's ``engine.compile()``).
+
+    DeepSpeed calls ``nn.Module.compile()``, which compiles the module's call without wrapping it in
+    an ``OptimizedModule``: ``engine.module`` stays the timm model, so its state dict, the
+    checkpoints, the EMA and ``model.pt`` keep the plain parameter names (no ``_orig_mod.``).
+    Compilation happens lazily, in the first forward (and again in the first evaluation, which runs
+    without gradients).
+    """
+    if not torch.cuda.is_available() and not _cxx_compiler():
+        # Inductor generates C++ for CPU kernels; fail before any step rather than in the first forward.
+        raise ConfigError("train.compile=true on a CPU needs a C++ compiler (inductor builds its CPU kernels with "
+                          "g++ or $CXX), and none was found; install one (Debian: apt-get install g++) or set "
+                          "train.compile=false")
+    # Batch shapes are fixed by design (training drops the ragged tail, evaluation pads its last
+    # micro-batch), so static shapes: one graph for training and one for evaluation, never a
+    # slower dynamic-shape graph made after the first shape change.
+    from deepspeed.accelerator import get_accelerator
+
+    backend = get_accelerator().get_compile_backend()  # inductor on CUDA and on DeepSpeed's CPU accelerator
+    engine.compile(backend=backend, compile_kwargs={"dynamic": False})
+    log.info("train.compile: the model is compiled with torch.compile (backend %s) in its first forward", backend)

@@ -16,6 +16,7 @@ import torch
 from medscale.checkpoint.checkpointer import Checkpointer, TrainState
 from medscale.checkpoint.weights import preprocess_record, save_weights
 from medscale.config import RunConfig, save_config, to_dict
+from medscale.data.device import to_device
 from medscale.data.loader import ShardStream, make_loader
 from medscale.dist import DistInfo, barrier, init_distributed
 from medscale.eval.evaluate import save_result
@@ -83,7 +84,7 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> dict[str, Any] | N
                    samples_per_unit=cfg.train.micro_batch_size * dist.world * engine.gradient_accumulation_steps())
     while state.step < cfg.train.steps and not stopped:
         stream.set_epoch(state.epoch)
-        for batch in meter.batches(make_loader(stream)):
+        for batch in meter.batches(make_loader(stream, engine.device)):
             out = train_step(engine, batch, task, guard)
             if out.loss is not None:
                 losses.append(out.loss)
@@ -147,21 +148,13 @@ class MicroStep(NamedTuple):
 
 def train_step(engine: Any, batch: dict[str, Any], task: Task, guard: NumericsGuard) -> MicroStep:
     """One micro-batch forward/backward, and the optimizer step at accumulation boundaries."""
-    loss = task.loss(engine, _to_device(batch, engine.device, input_dtype(engine)))
+    # The move, and on data.transforms_on=gpu the batched transforms, on the model's device.
+    loss = task.loss(engine, to_device(batch, engine.device, input_dtype(engine)))
     value = guard.check_loss(loss)  # the same decision on every rank
     if value is None:
         return MicroStep(None, False)  # skipped everywhere: no backward, so no collective is left half-done
     engine.backward(loss)
     return MicroStep(value, guard.optimizer_step())
-
-
-def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Tensors of the batch on the model's device; the image in the model's input dtype."""
-    out = dict(batch)
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.to(device=device, dtype=dtype if k == "image" else None, non_blocking=True)
-    return out
 
 
 def seed_everything(seed: int) -> None:
