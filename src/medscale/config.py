@@ -30,6 +30,7 @@ __all__ = [
     "EvalConfig",
     "LoggingConfig",
     "CheckpointConfig",
+    "MaeConfig",
     "RunConfig",
     "load_config",
     "apply_overrides",
@@ -133,8 +134,10 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation. The DeepSpeed JSON gets its batch sizes, clipping and precision from here."""
 
-    objective: Literal["classification"] = "classification"
-    """What the model learns (the task seam, `medscale.train.tasks`): classification of labeled images."""
+    objective: Literal["classification", "mae"] = "classification"
+    """What the model learns (the task seam, `medscale.train.tasks`): classification of labeled images, or
+    mae: masked-autoencoder pretraining of the ViT encoder on the images alone (labels are not read; knobs
+    in the ``mae`` section)."""
     task: Literal["multiclass", "multilabel"] = "multiclass"
     """multiclass: softmax cross-entropy over one label; multilabel: sigmoid BCE per finding."""
     steps: int = 100
@@ -189,6 +192,45 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for model FLOPs utilisation; 0: a built-in table for known GPUs
     (MFU is null on CPU and unknown devices)."""
+
+
+@dataclass
+class MaeConfig:
+    """Masked-autoencoder pretraining (``train.objective=mae``): a timm ViT encoder that sees only the
+    visible patches, a small decoder that predicts the pixels of the masked ones."""
+
+    mask_ratio: float = 0.75
+    """Fraction of each image's patches that are masked (rounded to whole patches, the same count for
+    every sample); the Medical MAE recipe for chest X-rays used 0.90."""
+    decoder_dim: int = 128
+    """Width of the decoder's tokens."""
+    decoder_depth: int = 2
+    """Transformer blocks in the decoder."""
+    decoder_heads: int = 4
+    """Attention heads per decoder block (must divide decoder_dim)."""
+    decoder_mlp_ratio: float = 4.0
+    """Hidden width of the decoder's MLPs as a multiple of decoder_dim."""
+    norm_pix_loss: bool = True
+    """Predict each patch's pixels normalised by that patch's own mean and variance (the MAE paper's
+    better-performing target); false: the loader's intensities as they are."""
+    samples: int = 6
+    """Images drawn as original / masked / reconstruction in each evaluation's figure (0: none)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"mae.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"mae.{key} must be >= 1, got {getattr(self, key)}")
+        if self.decoder_dim % 4:
+            raise ConfigError(f"mae.decoder_dim must be a multiple of 4 (2-D sine-cosine positions), "
+                              f"got {self.decoder_dim}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ConfigError(f"mae.decoder_heads={self.decoder_heads} must divide mae.decoder_dim={self.decoder_dim}")
+        if self.decoder_mlp_ratio <= 0:
+            raise ConfigError(f"mae.decoder_mlp_ratio must be > 0, got {self.decoder_mlp_ratio}")
+        if self.samples < 0:
+            raise ConfigError(f"mae.samples must be >= 0, got {self.samples}")
 
 
 @dataclass
@@ -277,6 +319,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mae: MaeConfig = field(default_factory=MaeConfig)
 
     def __post_init__(self) -> None:
         if self.train.steps < 1:

@@ -70,3 +70,49 @@ def test_demo_tiny_through_deepspeed_launcher(tmp_path):
     for path in [report, *pngs, *(out / "run").glob("*samples.npz")]:
         for secret in (b"MRN100003", b"DOE^", b"Demo General Hospital"):
             assert secret not in path.read_bytes(), (path.name, secret)
+
+
+@pytest.mark.integration
+def test_pretrain_demo_tiny_end_to_end(tmp_path):
+    """`medscale demo --pretrain` at tiny size (one rank, a few steps): unlabeled prep, MAE pretraining,
+    encoder export, fine-tuning from it and from scratch on a patient-level labelled subset, the
+    summary with both AUROCs and their CIs, and a report of each run with its figures."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "medscale.cli", "demo", "--pretrain", "--out", str(out), "--patients", "30",
+           "--images-per-patient", "3", "--labelled-fraction", "0.3", "--pretrain-steps", "4", "--finetune-steps",
+           "4", "dist.nproc=1", "train.micro_batch_size=4", "eval.bootstrap=20", "train.log_every=2"]
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    r = subprocess.run(cmd, cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    for name in ("pretrained", "scratch"):
+        assert 0 <= summary[f"auroc_{name}"] <= 1
+        lo, hi = summary[f"auroc_{name}_ci95"]
+        assert lo <= hi
+    assert f"{summary['auroc_pretrained']:.3f}" in r.stdout and f"{summary['auroc_scratch']:.3f}" in r.stdout
+
+    unlabeled = json.loads((out / "shards_unlabeled" / "manifest.json").read_text())
+    labelled = json.loads((out / "shards_labelled" / "manifest.json").read_text())
+    assert unlabeled["task"] == "unlabeled" and unlabeled["samples"] == 90 and unlabeled["rejected"] == 0
+    # the labelled subset: a fraction of the training patients, every held-out patient, the same patients
+    split = labelled["splits"]
+    assert split["train"]["patients"] == summary["labelled_train_patients"] < unlabeled["splits"]["train"]["patients"]
+    for key in ("patients", "samples"):
+        assert split["test"][key] == unlabeled["splits"]["test"][key], key
+    assert summary["test_samples"] == split["test"]["samples"]
+    # the fine-tuned run loaded the exported encoder, the scratch run did not
+    assert (out / "encoder" / "model.safetensors").exists()
+    assert yaml_value(out / "finetuned" / "config.yaml", "model", "weights").endswith("model.safetensors")
+    assert yaml_value(out / "scratch" / "config.yaml", "model", "weights") == ""
+    assert (out / "pretrain" / "report" / "reconstructions.png").exists()
+    assert (out / "finetuned" / "report" / "roc.png").exists() and (out / "scratch" / "report" / "roc.png").exists()
+
+
+def yaml_value(path, *keys):
+    import yaml
+
+    value = yaml.safe_load(path.read_text())
+    for k in keys:
+        value = value[k]
+    return value

@@ -33,6 +33,13 @@ The classifier's class count and the input channels must be in ``pretrained_cfg_
 otherwise timm compares them with the architecture's default pretrained config (1000 classes,
 3 channels) and silently drops the trained head.
 
+``--encoder-only`` (an MAE pretraining run, ``train.objective=mae``) writes the autoencoder's
+encoder alone, under the plain timm model's key names (``encoder.`` stripped, the decoder left out)
+and built without head or pooling (``num_classes=0, global_pool=''``): ``timm.create_model`` loads
+it as a token encoder, and ``model.weights=DIR/model.safetensors`` in a fine-tuning config loads it
+into a classifier whose head and pooling start fresh (its safetensors metadata says
+``medscale_export_kind: encoder``; see `medscale.models.factory.load_weights`).
+
 ``--onnx`` adds ``model.onnx`` (torch's dynamo exporter, the default since torch 2.9; a dynamic
 batch axis) and checks it with ONNX Runtime against the timm model on sample inputs of other
 batch sizes than the traced one.
@@ -64,6 +71,8 @@ __all__ = ["EXPORT_VERSION", "WEIGHTS_FILE", "CONFIG_FILE", "ONNX_FILE", "ONNX_T
            "OnnxParityError", "export_run", "timm_spec", "load_exported", "write_safetensors", "export_onnx"]
 
 log = logging.getLogger("medscale.checkpoint.export")
+
+_ENCODER = "encoder."  # the prefix of the encoder's parameters in a MaskedAutoencoder's state dict
 
 EXPORT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE = "model.safetensors", "config.json", "model.onnx"
@@ -105,7 +114,8 @@ class ExportResult:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str | None = None,
-               use_ema: bool | None = None, onnx: bool = False, tolerance: float | None = None) -> ExportResult:
+               use_ema: bool | None = None, onnx: bool = False, tolerance: float | None = None,
+               encoder_only: bool = False) -> ExportResult:
     """Export a run's weights (see the module docstring).
 
     Args:
@@ -115,6 +125,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str | No
         use_ema: the EMA (True), the trained weights (False), or the EMA when there is one (None).
         onnx: also write and check ``model.onnx``.
         tolerance: ONNX parity tolerance (absolute, on the logits; default `ONNX_TOLERANCE`).
+        encoder_only: an MAE run's encoder alone, loadable by a fine-tuning config's ``model.weights``.
 
     Raises:
         InputNotFound: no such run, model.pt or checkpoint.
@@ -133,11 +144,25 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str | No
         state, record, source = _model_file_weights(run_dir, use_ema)
     else:
         state, record, source = _checkpoint_weights(run_dir, checkpoint, use_ema)
+    mae = record.get("objective") == "mae"
+    if mae != encoder_only:
+        raise InputError(f"{run_dir} is an MAE pretraining run: export its encoder with --encoder-only" if mae else
+                         f"--encoder-only exports an MAE pretraining run's encoder; {run_dir} trained "
+                         f"{record.get('objective', 'classification')}")
+    if encoder_only:
+        if onnx:
+            raise ConfigError("--onnx exports a classifier; an encoder-only export has no logits")
+        state = {k[len(_ENCODER):]: v for k, v in state.items() if k.startswith(_ENCODER)}
+        source["part"] = "encoder"
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = timm_spec(record)
+    spec = timm_spec(record, encoder_only=encoder_only)
     weights = out_dir / WEIGHTS_FILE
     metadata = {"format": "pt", "medscale_export": str(EXPORT_VERSION), "architecture": spec["model_name"],
                 "weights": source["weights"]}
+    if encoder_only:
+        from medscale.models.factory import ENCODER_ONLY
+
+        metadata["medscale_export_kind"] = ENCODER_ONLY
     nbytes = write_safetensors(weights, state, metadata)
     tensors = len(state)
     del state
@@ -180,15 +205,19 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str | No
 # -------------------------------------------------------------------------------------------------
 
 
-def timm_spec(record: Mapping[str, Any]) -> dict[str, Any]:
+def timm_spec(record: Mapping[str, Any], encoder_only: bool = False) -> dict[str, Any]:
     """The timm architecture, its constructor arguments and the pretrained-config overlay of a
-    preprocessing record: what ``timm.create_model`` needs to rebuild the model and load the export."""
+    preprocessing record: what ``timm.create_model`` needs to rebuild the model and load the export
+    (`encoder_only`: without head and pooling, ``num_classes=0, global_pool=''``)."""
     from medscale.models.factory import _constructor_params
 
     model = record["model"]
     name = model["name"]
     params = _constructor_params(name)
-    kwargs: dict[str, Any] = {"num_classes": int(model["num_classes"]), "in_chans": int(record["channels"])}
+    kwargs: dict[str, Any] = {"num_classes": 0 if encoder_only else int(model["num_classes"]),
+                              "in_chans": int(record["channels"])}
+    if encoder_only:
+        kwargs["global_pool"] = ""
     if "img_size" in params:
         kwargs["img_size"] = int(record["image_size"])
     if model.get("patch_size"):

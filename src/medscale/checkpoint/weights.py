@@ -40,7 +40,7 @@ MODEL_FILE, PREPROCESS_FILE = "model.pt", "preprocess.json"
 def preprocess_record(cfg: RunConfig, class_names: list[str]) -> dict[str, Any]:
     """How inputs must be prepared for these weights, and how their outputs read."""
     m, d = cfg.model, cfg.data
-    return {
+    record = {
         "version": PREPROCESS_VERSION,
         "model": {"name": m.name, "num_classes": m.num_classes, "patch_size": m.patch_size,
                   "drop_path_rate": m.drop_path_rate},
@@ -54,6 +54,9 @@ def preprocess_record(cfg: RunConfig, class_names: list[str]) -> dict[str, Any]:
         # None: 0.5, or argmax for multiclass with more than two classes (eval.threshold's default).
         "threshold": cfg.eval.threshold,
     }
+    if cfg.train.objective == "mae":  # the decoder's shape, to rebuild the whole autoencoder
+        record["mae"] = to_dict(cfg.mae)
+    return record
 
 
 @torch.no_grad()
@@ -121,7 +124,8 @@ def read_preprocess(run_dir: Path) -> dict[str, Any]:
 
 def load_run_model(run_dir: Path, use_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """The model of a finished run, built from its preprocessing record: EMA weights when present
-    and wanted. Returns the model (eval mode, CPU) and the record."""
+    and wanted (an MAE run's: the whole `MaskedAutoencoder`). Returns the model (eval mode, CPU) and
+    the record."""
     from medscale.models import create_model
 
     run_dir = Path(run_dir)
@@ -133,7 +137,14 @@ def load_run_model(run_dir: Path, use_ema: bool = True) -> tuple[nn.Module, dict
     spec = record["model"]
     model_cfg = ModelConfig(name=spec["name"], num_classes=spec["num_classes"], patch_size=spec.get("patch_size", 0),
                             drop_path_rate=spec.get("drop_path_rate", 0.0))
-    model = create_model(model_cfg, img_size=record["image_size"], in_chans=record["channels"])
+    if record.get("objective") == "mae":
+        from medscale.config import MaeConfig, from_dict
+        from medscale.models import create_mae_model
+
+        model = create_mae_model(model_cfg, from_dict(MaeConfig, record.get("mae") or {}, source=str(path)),
+                                 img_size=record["image_size"], in_chans=record["channels"])
+    else:
+        model = create_model(model_cfg, img_size=record["image_size"], in_chans=record["channels"])
     key = "model_ema" if use_ema and "model_ema" in saved else "model"
     model.load_state_dict(saved[key])
     log.info("loaded %s weights of %s", "EMA" if key == "model_ema" else "trained", path)

@@ -284,6 +284,8 @@ def run_eval(run: str | Path, overrides: list[str] | tuple[str, ...] = (), split
     from medscale.checkpoint.weights import load_run_model
     from medscale.config import load_config
     from medscale.dist import init_distributed
+    from medscale.formats.manifest import load_manifest
+    from medscale.train.tasks import build_task
 
     run = Path(run)
     cfg = load_config(RunConfig, run / "config.yaml", overrides)
@@ -292,8 +294,11 @@ def run_eval(run: str | Path, overrides: list[str] | tuple[str, ...] = (), split
     model, _ = load_run_model(run, use_ema=cfg.eval.use_ema)
     model = model.to(device)
     split = split or cfg.data.test_split
+    manifest = load_manifest(cfg.data.shards)
+    task = build_task(cfg, manifest)  # the run's own objective evaluates it (an MAE run: reconstruction)
     stream = ShardStream(cfg.data.shards, split, cfg.data, micro_batch=cfg.eval.micro_batch_size,
-                         rank=dist.rank, world=dist.world, train=False, seed=cfg.train.seed)
-    result = evaluate(model, stream, cfg.eval, torch.float32, device, seed=cfg.train.seed)
+                         rank=dist.rank, world=dist.world, train=False, seed=cfg.train.seed, manifest=manifest,
+                         labels=task.needs_labels)
+    result = task.evaluate(model, stream, torch.float32, device)
     path = save_result(result, Path(output or run / f"eval_{split}.json")) if dist.is_main else None
     return result, path

@@ -10,26 +10,35 @@ import timm
 import torch
 from torch import nn
 
-from medscale.config import ModelConfig
+from medscale.config import MaeConfig, ModelConfig
 from medscale.errors import ConfigError, InputError, InputNotFound
 
-__all__ = ["create_model", "load_weights"]
+__all__ = ["create_model", "create_mae_model", "load_weights", "ENCODER_ONLY", "POOLING_PREFIXES"]
 
 log = logging.getLogger("medscale.models")
 
+ENCODER_ONLY = "encoder"
+"""``medscale_export_kind`` in the metadata of an encoder-only export (``medscale export --encoder-only``)."""
+POOLING_PREFIXES = ("attn_pool", "fc_norm")
+"""Parts of a classifier's pooling that an encoder has none of: fresh in a model fine-tuned from an encoder."""
 
-def create_model(cfg: ModelConfig, *, img_size: int, in_chans: int) -> nn.Module:
+
+def create_model(cfg: ModelConfig, *, img_size: int, in_chans: int, encoder_only: bool = False) -> nn.Module:
     """Build a timm model from the config, never downloading weights.
 
     Args:
         cfg: model section of the run config.
         img_size: input side length (passed to models that take it, e.g. ViTs).
         in_chans: input channels.
+        encoder_only: no classifier and no pooling (``num_classes=0, global_pool=''``): the token
+            encoder that MAE pretrains (`create_mae_model`) and an encoder-only export holds.
     """
     if not timm.is_model(cfg.name):
         close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:8]
         raise ConfigError(f"model.name={cfg.name!r} is not a timm model; similar: {close}")
-    kwargs: dict = {"num_classes": cfg.num_classes, "in_chans": in_chans}
+    kwargs: dict = {"num_classes": 0 if encoder_only else cfg.num_classes, "in_chans": in_chans}
+    if encoder_only:
+        kwargs["global_pool"] = ""
     # img_size/patch_size/drop_path_rate exist only for some families; pass them only where taken.
     cls_params = _constructor_params(cfg.name)
     if "img_size" in cls_params:
@@ -50,6 +59,18 @@ def create_model(cfg: ModelConfig, *, img_size: int, in_chans: int) -> nn.Module
             raise ConfigError(f"model.grad_checkpointing is set but {cfg.name} does not support it")
         model.set_grad_checkpointing(True)
     return model
+
+
+def create_mae_model(cfg: ModelConfig, mae: MaeConfig, *, img_size: int, in_chans: int) -> nn.Module:
+    """A masked autoencoder (`medscale.models.mae.MaskedAutoencoder`) around the timm ViT that
+    `cfg` names, built encoder-only; ``model.weights`` (e.g. an earlier encoder export) initialises
+    the encoder."""
+    from medscale.models.mae import MaskedAutoencoder
+
+    encoder = create_model(cfg, img_size=img_size, in_chans=in_chans, encoder_only=True)
+    return MaskedAutoencoder(encoder, in_chans=in_chans, mask_ratio=mae.mask_ratio, decoder_dim=mae.decoder_dim,
+                             decoder_depth=mae.decoder_depth, decoder_heads=mae.decoder_heads,
+                             decoder_mlp_ratio=mae.decoder_mlp_ratio, norm_pix_loss=mae.norm_pix_loss)
 
 
 def _constructor_params(name: str) -> set[str]:
@@ -82,7 +103,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     p = Path(path)
     if not p.exists():
         raise InputNotFound(f"model.weights file {p} does not exist (weights are never downloaded)")
-    state = _read_state(p)
+    state, metadata = _read_state(p)
     own = model.state_dict()
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         from timm.layers import resample_abs_pos_embed
@@ -98,16 +119,23 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     log.info("loaded %s: reset %s, missing %d, unexpected %d", p, dropped, len(missing), len(unexpected))
     head = _head_prefixes(model)
+    if metadata.get("medscale_export_kind") == ENCODER_ONLY:
+        head += POOLING_PREFIXES  # an MAE encoder has no pooling: attention pool / fc_norm start fresh
     bad = [k for k in missing if not k.startswith(head)]
     if bad:
         raise InputError(f"weights {p} do not fit {type(model).__name__}: missing or mis-shaped {bad[:5]}")
 
 
-def _read_state(p: Path) -> dict[str, torch.Tensor]:
+def _read_state(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict of a weights file and its metadata (a safetensors header's; {} for others)."""
+    metadata: dict[str, str] = {}
     if p.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         state = load_file(str(p))
+        with safe_open(str(p), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
     else:
         state = torch.load(p, map_location="cpu", weights_only=True)
         for k in ("state_dict", "model", "module"):
@@ -118,7 +146,7 @@ def _read_state(p: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"weights {p} hold no state dict of tensors")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
+    return dict(state), metadata
 
 
 def _adapt_first_conv(model: nn.Module, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:

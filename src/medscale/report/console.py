@@ -45,7 +45,7 @@ def print_eval(result: dict[str, Any], title: str = "") -> None:
     """Headline metrics with bootstrap CIs, then per-class AUROC/AUPRC."""
     ci = result.get("ci95", {})
     rows = []
-    for k in ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "ece"):
+    for k in ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "ece", "loss"):  # loss: an MAE run
         if k in result:
             lo_hi = ci.get(k)
             rows.append([k, _fmt(result[k]), f"[{_fmt(lo_hi[0])}, {_fmt(lo_hi[1])}]" if lo_hi else ""])

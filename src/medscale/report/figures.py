@@ -1,5 +1,5 @@
 """PNG figures of a run: training curves, evaluation metrics over steps, ROC/PR, calibration,
-confusion and sample images.
+confusion and sample images; for an MAE pretraining run, its reconstructions.
 
 matplotlib is imported lazily (a training process never pays for it) and used through its
 object-oriented API on the Agg canvas: no pyplot, so no global figure state and no display needed.
@@ -16,13 +16,13 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["FigureSkipped", "DPI", "SIZES", "sample_grid_size", "loss_lr", "throughput", "eval_metrics",
-           "roc", "pr", "calibration", "confusion", "sample_grid"]
+           "roc", "pr", "calibration", "confusion", "sample_grid", "reconstruction_grid"]
 
 DPI = 100
 SIZES = {"loss_lr": (10.0, 4.0), "throughput": (10.0, 4.0), "eval_metrics": (8.0, 4.5), "roc": (7.0, 6.0),
          "pr": (7.0, 6.0), "calibration": (6.0, 6.0), "confusion": (7.0, 6.0)}
 """Figure sizes in inches; at `DPI` every PNG is exactly SIZES[name] x DPI pixels."""
-EVAL_METRICS = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "ece", "top5_accuracy")
+EVAL_METRICS = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "ece", "top5_accuracy", "loss")
 """Metrics drawn over steps; counts (n_samples, ...) in the same rows would crush their scale."""
 _GRID_COLUMNS = 8
 _CELL = (1.8, 2.2)  # inches per sample image, room for a two-line title
@@ -198,13 +198,44 @@ def sample_grid(samples: dict[str, np.ndarray], path: Path) -> Path:
     cols = min(n, _GRID_COLUMNS)
     rows = math.ceil(n / cols)
     fig, axes = _figure((_CELL[0] * cols, _CELL[1] * rows), cols=cols, rows=rows)
+    titles = []
+    for label, pred, prob in zip(samples["labels"], samples["preds"], samples["probs"]):
+        label, pred = str(label), str(pred)
+        titles.append((f"true: {label}\npred: {pred} ({float(prob):.2f})", "black" if label == pred else "tab:red"))
+    _draw_images(axes, samples["images"], titles)
+    return _save(fig, path)
+
+
+def _draw_images(axes: Any, images: Any, titles: list[tuple[str, str]]) -> None:
+    """One 8-bit image per axis with its (title, colour); axes beyond the images stay blank."""
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
-        if i >= n:
+        if i >= len(titles):
             continue
-        image = samples["images"][i]
+        image = images[i]
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
-        label, pred = str(samples["labels"][i]), str(samples["preds"][i])
-        ax.set_title(f"true: {label}\npred: {pred} ({float(samples['probs'][i]):.2f})", fontsize=8,
-                     color="black" if label == pred else "tab:red")
+        ax.set_title(titles[i][0], fontsize=8, color=titles[i][1])
+
+
+_RECON_COLUMNS = 2
+_RECON_WIDTH = 4.2  # inches per original | masked | reconstruction strip
+
+
+def reconstruction_grid(samples: dict[str, np.ndarray], path: Path, mask_ratio: float | None = None) -> Path:
+    """An MAE evaluation's images, each one strip original | masked | reconstruction, titled with the
+    sample's reconstruction loss (MSE over its masked patches).
+
+    `samples` holds arrays ``images`` (the strips) and ``probs`` (the losses) as `save_result` writes them.
+    """
+    n = len(samples.get("images", ()))
+    if n == 0:
+        raise FigureSkipped("the evaluation kept no reconstructions (mae.samples=0?)")
+    cols = min(n, _RECON_COLUMNS)
+    rows = math.ceil(n / cols)
+    h, w = samples["images"][0].shape[:2]
+    cell = (_RECON_WIDTH, _RECON_WIDTH * h / w + 0.35)  # room for the title
+    fig, axes = _figure((cell[0] * cols, cell[1] * rows + 0.4), cols=cols, rows=rows)
+    masked = f"masked {mask_ratio:.0%}" if mask_ratio is not None else "masked"
+    fig.suptitle(f"original | {masked} (hidden patches blue) | reconstruction; a row per channel", fontsize=10)
+    _draw_images(axes, samples["images"], [(f"loss {float(p):.4f}", "black") for p in samples["probs"]])
     return _save(fig, path)

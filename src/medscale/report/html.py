@@ -1,7 +1,8 @@
 """`medscale report`: one self-contained HTML page of a run, with its figures as PNG files beside it.
 
 It reads only what a run directory holds: ``config.yaml``, ``metrics.jsonl``, the evaluation
-(``eval.json``, else the first ``eval_<split>.json``) and its sample images (``<stem>_samples.npz``).
+(``eval.json``, else the first ``eval_<split>.json``) and its sample images (``<stem>_samples.npz``;
+an MAE pretraining run's: its reconstructions).
 Every figure is embedded as a base64 data URI, so the page can be mailed or archived alone. A
 figure whose inputs are missing is replaced by a note naming them.
 """
@@ -75,8 +76,19 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _mae_table(result: dict[str, Any]) -> str:
+    """An MAE evaluation: the reconstruction loss over the split's masked patches."""
+    rows = [["reconstruction loss (MSE, masked patches)", _fmt(result.get("loss"))],
+            ["mask ratio", _fmt(result.get("mask_ratio"))],
+            ["samples / patients", f"{result.get('n_samples', '-')} / {result.get('n_patients', '-')}"]]
+    return (f"<p>split {_fmt(result.get('split'))}: masked-autoencoder pretraining</p>"
+            + _table(["metric", "value"], rows))
+
+
 def _metrics_tables(result: dict[str, Any]) -> str:
     """Headline metrics with their 95% CIs, then one row per class (CIs and counts at the operating point)."""
+    if result.get("objective") == "mae":
+        return _mae_table(result)
     ci = result.get("ci95") or {}
     rows = [[m, _fmt(result[m]), _ci(ci.get(m))] for m in _HEADLINE if m in result]
     rows.append(["samples / patients", f"{result.get('n_samples', '-')} / {result.get('n_patients', '-')}", ""])
@@ -149,15 +161,21 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         ("Throughput and data wait", "throughput", lambda p: figures.throughput(rows, p)),
         ("Evaluation metrics over steps", "eval_metrics", lambda p: figures.eval_metrics(rows, p)),
     ]
-    if curves:
+    if result.get("objective") == "mae":
+        ratio = result.get("mask_ratio")
+        plots.append(("Reconstructions (original | masked | reconstruction)", "reconstructions",
+                      (lambda p: figures.reconstruction_grid(samples, p, ratio)) if samples is not None else
+                      f"no {samples_path(eval_path)}" if eval_path else "no evaluation"))
+    elif curves:
         plots += [("ROC curves", "roc", lambda p: figures.roc(curves, p)),
                   ("Precision-recall curves", "pr", lambda p: figures.pr(curves, p)),
                   ("Calibration", "calibration", lambda p: figures.calibration(curves, p)),
                   ("Confusion matrix", "confusion", lambda p: figures.confusion(curves, p))]
     else:
         plots.append(("ROC, PR, calibration, confusion", "", missing_curves if eval_path else "no evaluation"))
-    plots.append(("Sample images", "samples", (lambda p: figures.sample_grid(samples, p)) if samples is not None else
-                  f"no {samples_path(eval_path)}" if eval_path else "no evaluation"))
+    if result.get("objective") != "mae":
+        plots.append(("Sample images", "samples", (lambda p: figures.sample_grid(samples, p)) if samples is not None
+                      else f"no {samples_path(eval_path)}" if eval_path else "no evaluation"))
 
     parts = []
     for title, name, draw in plots:

@@ -27,7 +27,7 @@ from medscale.train.engine import build_engine, input_dtype
 from medscale.train.numerics import NumericsGuard
 from medscale.train.preemption import EXIT_REQUEUE, STOPPED_FILE, StopRequest
 from medscale.train.tasks import Task, build_task
-from medscale.train.throughput import Throughput, device_peak_tflops, flops_per_sample
+from medscale.train.throughput import Throughput, device_peak_tflops
 from medscale.logs import Progress
 from medscale.train.tracking import Tracker
 
@@ -60,7 +60,7 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> dict[str, Any] | N
     manifest = load_manifest(cfg.data.shards)
     task = build_task(cfg, manifest)  # checks the shards against the objective before any work
     model = task.build_model()
-    flops = flops_per_sample(cfg.model, in_chans=cfg.data.channels, img_size=cfg.data.image_size)
+    flops = task.flops_per_sample()  # forward FLOPs of one sample, for MFU
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, dist, last_step=cfg.train.steps, config=to_dict(cfg))
     plan = checkpointer.prepare_resume(cfg.train)  # another number of ranks: same global batch, universal checkpoint
     engine = build_engine(model, cfg, dist.world, overrides=plan.ds_overrides)

@@ -13,13 +13,13 @@ import dataclasses
 import logging
 import resource
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from medscale.config import ModelConfig
 
-__all__ = ["FWD_BWD_FLOPS", "flops_per_sample", "device_peak_tflops", "Throughput"]
+__all__ = ["FWD_BWD_FLOPS", "flops_per_sample", "forward_flops", "device_peak_tflops", "Throughput"]
 
 log = logging.getLogger("medscale.train.throughput")
 
@@ -53,19 +53,27 @@ _PEAKS: list[tuple[str, float, float]] = [
 
 
 def flops_per_sample(cfg: ModelConfig, *, in_chans: int, img_size: int) -> float | None:
-    """Forward FLOPs of one sample (multiply-add = 2 FLOPs), or None if counting fails.
+    """Forward FLOPs of one sample of the classifier `cfg` names (multiply-add = 2 FLOPs), or None
+    if counting fails."""
+    from medscale.models import create_model
 
-    The model is built on the meta device: shapes only, no memory and no arithmetic.
+    return forward_flops(lambda c: create_model(c, img_size=img_size, in_chans=in_chans), cfg,
+                         lambda: (torch.zeros(1, in_chans, img_size, img_size),))
+
+
+def forward_flops(build: Callable[[ModelConfig], torch.nn.Module], cfg: ModelConfig,
+                  inputs: Callable[[], tuple[torch.Tensor, ...]]) -> float | None:
+    """Forward FLOPs of ``build(cfg)(*inputs())`` for one sample, or None if counting fails.
+
+    The model is built on the meta device: shapes only, no memory and no arithmetic. Objectives
+    whose model is not the classifier (MAE: the encoder sees a quarter of the patches) count theirs.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medscale.models import create_model
-
     try:
         with torch.device("meta"):
-            model = create_model(dataclasses.replace(cfg, weights="", grad_checkpointing=False),
-                                 img_size=img_size, in_chans=in_chans).eval()
-            x = torch.zeros(1, in_chans, img_size, img_size)
+            model = build(dataclasses.replace(cfg, weights="", grad_checkpointing=False)).eval()
+            x = inputs()
         # Parameters must not require grad, and `torch.no_grad()` alone is not enough: FlopCounterMode
         # attributes FLOPs to modules with a ModuleTracker, whose forward hooks register a backward hook
         # on every module input that requires grad and so need its grad_fn or grad accumulator. A view of
@@ -76,7 +84,7 @@ def flops_per_sample(cfg: ModelConfig, *, in_chans: int, img_size: int) -> float
         model.requires_grad_(False)
         counter = FlopCounterMode(display=False)
         with counter:
-            model(x)
+            model(*x)
         return float(counter.get_total_flops())
     except Exception as e:  # noqa: BLE001 - a model the counter cannot trace only loses the MFU figure
         log.warning("could not count model FLOPs (%s: %s); MFU will not be reported", type(e).__name__, e)

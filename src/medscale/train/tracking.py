@@ -206,12 +206,16 @@ class Tracker:
         curve: W&B's built-in ROC plot is multi-class only and subsamples to 10k rows), the confusion
         matrix at the operating point, the reliability (calibration) curve, and a table of sample
         images with label, prediction and probability. metrics.jsonl keeps the scalars; the report
-        (`medscale report`) draws the same figures from eval.json.
+        (`medscale report`) draws the same figures from eval.json. An MAE evaluation logs its
+        reconstructions (original | masked | reconstruction) under ``<split>/reconstructions``.
         """
         if not self.is_main or self._run is None or step <= self._wandb_floor:
             return
         curves, samples = result.get("curves"), result.get("samples")
         if not curves and not samples:
+            return
+        if result.get("objective") == "mae":
+            self._log_reconstructions(step, split, result)
             return
         try:
             import wandb
@@ -252,6 +256,19 @@ class Tracker:
                     wandb.Image(x["image"], caption=f"{x['label']} -> {x['pred']} ({float(x['prob']):.2f})")
                     for x in samples]
             self._run.log(out, step=step)
+        except Exception as e:  # noqa: BLE001 - as in log
+            self._wandb_failed(e)
+
+    def _log_reconstructions(self, step: int, split: str, result: dict[str, Any]) -> None:
+        """An MAE evaluation's strips (original | masked | reconstruction) as a captioned media panel."""
+        try:
+            import wandb
+
+            ratio = result.get("mask_ratio")
+            masked = f"masked {ratio:.0%}" if isinstance(ratio, float) else "masked"
+            self._run.log({f"{split}/reconstructions": [
+                wandb.Image(x["image"], caption=f"original | {masked} | reconstruction, loss {float(x['prob']):.4f}")
+                for x in result["samples"]]}, step=step)
         except Exception as e:  # noqa: BLE001 - as in log
             self._wandb_failed(e)
 
