@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 __all__ = ["setup_logging", "rank_from_env", "Progress", "on_terminal"]
 
 _CHATTY = ("DeepSpeed", "torch.distributed", "wandb", "urllib3", "matplotlib", "PIL")
 """Libraries whose own INFO lines are kept out unless MEDSCALE_DEBUG is set."""
+_LIBRARY_DEPRECATIONS = (r"`torch\.distributed\.all_gather_into_tensor` is deprecated",)
+"""FutureWarnings raised inside DeepSpeed's ZeRO collectives (not medscale's calls), printed by every
+rank at every start; a user can do nothing about them. Shown with MEDSCALE_DEBUG=1."""
 
 
 def rank_from_env() -> int:
@@ -76,6 +80,9 @@ def setup_logging(rank: int | None = None) -> None:
     debug = bool(os.environ.get("MEDSCALE_DEBUG"))
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        for pattern in _LIBRARY_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
     os.environ.setdefault("WANDB_SILENT", "true")
 
 

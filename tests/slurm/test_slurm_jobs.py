@@ -18,6 +18,8 @@ waits for its own scenario and checks it:
 - a chain of three dependent jobs (submit_chain.sh): the first is warned and ends COMPLETED
   without requeue (REQUEUE=0), the second continues the run to the end, the third finds it done;
 - eval.sbatch on two tasks gives the run's own test metrics;
+- MAE pretraining (train.objective=mae) through the same template, warned once: requeued, resumed,
+  every step logged once, its reconstruction evaluation written;
 - prep.sbatch as a 3-task array plus its merge job (afterok) equals a single-process prep.
 """
 
@@ -126,6 +128,7 @@ NEEDS = {  # test -> the scenarios it reads; only those of the selected tests ar
     "test_chain_of_dependent_jobs": ["chain"],
     "test_eval_template_scores_the_run": ["reference", "evaluate"],
     "test_prep_array_and_merge_equal_a_single_process_prep": ["prep_array"],
+    "test_pretraining_runs_through_the_same_template": ["pretrain"],
 }
 
 
@@ -151,6 +154,12 @@ def scenarios(cluster: Cluster, tmp_path_factory, request) -> dict[str, Scenario
     def preempted() -> dict[str, Any]:
         job, run, log = submit("preempted", "-N", "1", "-n", "2")
         sent = _preempt(cluster, job, run, log, times=3)
+        return {"job": job, "run": run, "log": log, "sent": sent, "info": cluster.wait_final(job, 300)}
+
+    def pretrain() -> dict[str, Any]:
+        # MAE pretraining is train.objective=mae in the config: the same template, warning and requeue.
+        job, run, log = submit("pretrain", "-N", "1", "-n", "2", objective="mae", steps=120)
+        sent = _preempt(cluster, job, run, log, times=1)
         return {"job": job, "run": run, "log": log, "sent": sent, "info": cluster.wait_final(job, 300)}
 
     def two_nodes() -> dict[str, Any]:
@@ -228,7 +237,8 @@ def scenarios(cluster: Cluster, tmp_path_factory, request) -> dict[str, Scenario
     scenarios: dict[str, Scenario] = {}
     for name, body in (("reference", reference), ("preempted", preempted), ("two_nodes", two_nodes),
                        ("launcher", launcher), ("time_limit", time_limit), ("cancelled", cancelled),
-                       ("capped", capped), ("chain", chain), ("evaluate", evaluate), ("prep_array", prep_array)):
+                       ("capped", capped), ("chain", chain), ("evaluate", evaluate), ("prep_array", prep_array),
+                       ("pretrain", pretrain)):
         if name in wanted:
             scenarios[name] = Scenario(name, body)
     return scenarios
@@ -339,3 +349,11 @@ def test_prep_array_and_merge_equal_a_single_process_prep(scenarios):
     assert {k: v for k, v in array.items() if k != "created"} == {k: v for k, v in single.items() if k != "created"}
     for shard in single["shards"]:
         assert (r["array"] / shard["path"]).read_bytes() == (r["single"] / shard["path"]).read_bytes()
+
+
+def test_pretraining_runs_through_the_same_template(scenarios):
+    r = scenarios["pretrain"].get()
+    assert r["info"]["JobState"] == "COMPLETED" and r["info"]["Restarts"] == "1", r["info"]
+    assert sorted(losses(r["run"])) == list(range(1, 121))  # every step once across the requeue
+    result = json.loads((r["run"] / "eval.json").read_text())
+    assert result["objective"] == "mae" and result["loss"] > 0 and (r["run"] / "done.json").is_file()
