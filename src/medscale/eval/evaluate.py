@@ -17,7 +17,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from medscale.logs import Progress
 from medscale.eval.curves import curve_data
 from medscale.eval.metrics import aggregate_by_group, classification_metrics
 
-__all__ = ["predict", "evaluate", "save_result", "samples_path", "display_image", "run_eval"]
+__all__ = ["predict", "evaluate", "gather_split", "SplitRows", "save_result", "samples_path", "display_image", "run_eval"]
 
 log = logging.getLogger("medscale.eval.evaluate")
 
@@ -125,6 +125,49 @@ def predict(model: Any, stream: ShardStream, dtype: torch.dtype, device: torch.d
             "targets": torch.cat(targets).numpy() if targets else np.zeros((0,), np.int64)}
 
 
+class SplitRows(NamedTuple):
+    """Which gathered rows make up a split, each sample once (see `gather_split`)."""
+
+    rows: list[tuple[int, int]]
+    """(part, index) of each distinct sample, in the order its key was first seen."""
+    keys: list[str]
+    """The samples' keys, in the same order."""
+    duplicates: int
+    corrupt: int
+
+
+def gather_split(parts: list[dict[str, Any]], stream: ShardStream) -> SplitRows:
+    """Every rank's evaluation of a split (``parts``: one dict per rank with ``keys`` and ``corrupt``,
+    as all-gathered), each sample taken once, and the checks that it covers the split.
+
+    Raises:
+        RuntimeError: more corrupt samples than ``data.max_corrupt_fraction`` allows, no sample at
+            all, or another number of distinct samples than the manifest holds for the split,
+            corrupt ones included (a loader bug must not hide in the figures).
+    """
+    seen: dict[str, tuple[int, int]] = {}
+    duplicates = 0
+    for j, part in enumerate(parts):
+        for i, key in enumerate(part["keys"]):
+            if key in seen:
+                duplicates += 1  # should never happen; counted so a loader bug cannot hide
+                continue
+            seen[key] = (j, i)
+    corrupt = sum(part["corrupt"] for part in parts)
+    if corrupt > stream.max_corrupt_fraction * stream.samples:
+        raise RuntimeError(f"{corrupt} corrupt samples in split {stream.split!r} ({stream.root}) exceed "
+                           f"data.max_corrupt_fraction={stream.max_corrupt_fraction} of its {stream.samples}; "
+                           "the log names each one; check the shards with `medscale inspect --verify`")
+    if corrupt:
+        log.warning("%d corrupt samples of split %r left out of the evaluation", corrupt, stream.split)
+    if not seen:
+        raise RuntimeError(f"evaluation of split {stream.split!r} saw no samples")
+    if len(seen) + corrupt != stream.samples:
+        raise RuntimeError(f"evaluation saw {len(seen)} distinct samples of split {stream.split!r} and {corrupt} "
+                           f"corrupt ones; the manifest says {stream.samples}")
+    return SplitRows(list(seen.values()), list(seen), duplicates, corrupt)
+
+
 def evaluate(model: Any, stream: ShardStream, cfg: EvalConfig, dtype: torch.dtype,
              device: torch.device, seed: int = 0, samples_per_class: int = SAMPLES_PER_CLASS) -> dict[str, Any]:
     """Metrics over the whole split, identical on every rank (all ranks must call it).
@@ -146,33 +189,14 @@ def evaluate(model: Any, stream: ShardStream, cfg: EvalConfig, dtype: torch.dtyp
     images = mine.pop("sample_images")  # only the chosen few travel, in a second gather below
     mine["sample_keys"] = list(images)
     parts = all_gather_objects(mine)
-    seen: dict[str, int] = {}
-    probs, targets, patients, studies = [], [], [], []
+    split = gather_split(parts, stream)
     have_studies = all(part["studies"] is not None for part in parts)
-    duplicates = 0
-    for part in parts:
-        for i, key in enumerate(part["keys"]):
-            if key in seen:
-                duplicates += 1  # should never happen; counted so a loader bug cannot hide
-                continue
-            seen[key] = 1
-            probs.append(part["probs"][i])
-            targets.append(part["targets"][i])
-            patients.append(part["patients"][i])
-            if have_studies:
-                studies.append(part["studies"][i])
-    corrupt = sum(part["corrupt"] for part in parts)
-    if corrupt > stream.max_corrupt_fraction * stream.samples:
-        raise RuntimeError(f"{corrupt} corrupt samples in split {stream.split!r} ({stream.root}) exceed "
-                           f"data.max_corrupt_fraction={stream.max_corrupt_fraction} of its {stream.samples}; "
-                           "the log names each one; check the shards with `medscale inspect --verify`")
-    if corrupt:
-        log.warning("%d corrupt samples of split %r left out of the metrics", corrupt, stream.split)
-    if not probs:
-        raise RuntimeError(f"evaluation of split {stream.split!r} saw no samples")
-    if len(seen) + corrupt != stream.samples:
-        raise RuntimeError(f"evaluation saw {len(seen)} distinct samples of split {stream.split!r} and {corrupt} "
-                           f"corrupt ones; the manifest says {stream.samples}")
+    probs = [parts[j]["probs"][i] for j, i in split.rows]
+    targets = [parts[j]["targets"][i] for j, i in split.rows]
+    patients = [parts[j]["patients"][i] for j, i in split.rows]
+    studies = [parts[j]["studies"][i] for j, i in split.rows] if have_studies else []
+    seen = split.keys
+    duplicates, corrupt = split.duplicates, split.corrupt
     p, t = np.stack(probs), np.stack(targets)
     options = dict(task=stream.task, class_names=stream.manifest.get("classes") or None,
                    threshold=cfg.threshold, at_specificity=cfg.at_specificity or None, n_bootstrap=cfg.bootstrap,

@@ -189,6 +189,7 @@ def evaluate_reconstruction(model: Any, stream: ShardStream, dtype: torch.dtype,
     from medscale.data.device import to_device
     from medscale.data.loader import make_loader
     from medscale.dist import all_gather_objects
+    from medscale.eval.evaluate import gather_split
 
     was_training = model.training
     model.eval()
@@ -220,29 +221,14 @@ def evaluate_reconstruction(model: Any, stream: ShardStream, dtype: torch.dtype,
     model.train(was_training)
     parts = all_gather_objects({"keys": keys, "patients": patients, "losses": losses, "shown": shown,
                                 "corrupt": stream.corrupt_count - corrupt_before})
-    seen: dict[str, float] = {}
-    groups: set[str] = set()
-    duplicates = 0
-    for part in parts:
-        for key, patient, value in zip(part["keys"], part["patients"], part["losses"]):
-            if key in seen:
-                duplicates += 1  # should never happen; counted so a loader bug cannot hide
-                continue
-            seen[key] = value
-            groups.add(patient)
-    corrupt = sum(part["corrupt"] for part in parts)
-    if corrupt > stream.max_corrupt_fraction * stream.samples:
-        raise RuntimeError(f"{corrupt} corrupt samples in split {stream.split!r} ({stream.root}) exceed "
-                           f"data.max_corrupt_fraction={stream.max_corrupt_fraction} of its {stream.samples}")
-    if len(seen) + corrupt != stream.samples:
-        raise RuntimeError(f"evaluation saw {len(seen)} distinct samples of split {stream.split!r} and {corrupt} "
-                           f"corrupt ones; the manifest says {stream.samples}")
+    split = gather_split(parts, stream)  # each sample once, and the split covered
+    values = [parts[j]["losses"][i] for j, i in split.rows]
+    groups = {parts[j]["patients"][i] for j, i in split.rows}
     everyone = {k: v for part in parts for k, v in part["shown"].items()}
     chosen = sorted(everyone)[:samples]
-    values = list(seen.values())
-    return {"objective": "mae", "split": stream.split, "loss": sum(values) / len(values) if values else float("nan"),
-            "n_samples": len(seen), "n_patients": len(groups), "duplicates_dropped": duplicates,
-            "expected_samples": stream.samples, "corrupt_samples": corrupt,
+    return {"objective": "mae", "split": stream.split, "loss": sum(values) / len(values),
+            "n_samples": len(values), "n_patients": len(groups), "duplicates_dropped": split.duplicates,
+            "expected_samples": stream.samples, "corrupt_samples": split.corrupt,
             "samples": [{"image": everyone[k][0], "label": "original | masked | reconstruction", "pred": "",
                          "prob": float(everyone[k][1])} for k in chosen]}
 
