@@ -42,20 +42,7 @@ import torch.nn.functional as F
 from medscale.config import DataConfig
 from medscale.errors import ConfigError
 
-__all__ = ["SampleTransform", "AUGMENT_DEFAULTS", "option", "resize_crops", "PARAMS"]
-
-# Data options read with getattr so this module works before and after DataConfig gains them.
-AUGMENT_DEFAULTS: dict[str, Any] = {
-    "augment": True,
-    "crop_scale": 0.8,
-    "rotate_degrees": 7.0,
-    "translate": 0.03,
-    "hflip": False,
-    "vflip": False,
-    "brightness": 0.0,
-    "contrast": 0.0,
-    "gamma": 0.0,
-}
+__all__ = ["SampleTransform", "resize_crops", "PARAMS"]
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights
 # Smallest spread divided by: a flat image normalises to zeros instead of NaN.
@@ -77,11 +64,6 @@ _U_CROP = 0
 _U_POS = _U_CROP + 2 * _CROP_TRIES
 _U_ANGLE, _U_TX, _U_TY, _U_HFLIP, _U_VFLIP, _U_OFFSET, _U_FACTOR, _U_GAMMA = range(_U_POS + 2, _U_POS + 10)
 _DRAWS = _U_POS + 10
-
-
-def option(cfg: DataConfig, name: str) -> Any:
-    """A data option, with the loader's default when DataConfig does not (yet) have it."""
-    return getattr(cfg, name, AUGMENT_DEFAULTS[name])
 
 
 def _aa_weights(n_in: torch.Tensor, n_max: int, n_out: int) -> torch.Tensor:
@@ -153,17 +135,17 @@ class SampleTransform:
     def __init__(self, cfg: DataConfig, train: bool):
         self.cfg = cfg
         self.size = cfg.image_size
-        self.train = train and bool(option(cfg, "augment"))
+        self.train = train and cfg.augment
         if cfg.windows and len(cfg.windows) not in (1, cfg.channels):
             raise ConfigError(f"data.windows gives {len(cfg.windows)} channels but data.channels={cfg.channels}; "
                               "use one window (repeated) or one window per channel")
         a = self.train
-        crop = float(option(cfg, "crop_scale"))
+        crop = float(cfg.crop_scale)
         self.crop_scale = crop if a and 0 < crop < 1 else None
-        self.degrees = float(option(cfg, "rotate_degrees")) if a else 0.0
-        self.translate = float(option(cfg, "translate")) if a else 0.0
-        self.hflip, self.vflip = a and bool(option(cfg, "hflip")), a and bool(option(cfg, "vflip"))
-        self.brightness, self.contrast, gamma = ((float(option(cfg, k)) if a else 0.0)
+        self.degrees = float(cfg.rotate_degrees) if a else 0.0
+        self.translate = float(cfg.translate) if a else 0.0
+        self.hflip, self.vflip = a and cfg.hflip, a and cfg.vflip
+        self.brightness, self.contrast, gamma = ((float(getattr(cfg, k)) if a else 0.0)
                                                  for k in ("brightness", "contrast", "gamma"))
         # Gamma needs values in [0, 1]: never on z-scored images.
         self.unit_range = bool(cfg.windows) or cfg.normalize != "zscore"
