@@ -108,6 +108,24 @@ def test_pretrain_demo_tiny_end_to_end(tmp_path):
     assert (out / "pretrain" / "report" / "reconstructions.png").exists()
     assert (out / "finetuned" / "report" / "roc.png").exists() and (out / "scratch" / "report" / "roc.png").exists()
 
+    # nothing of a patient's identity in anything the demo wrote beside its synthetic source (raw/):
+    # shards, manifests, runs, checkpoints, the encoder, reports, the summary; contents and names.
+    # The source's own labels CSV lists every patient id, folder (patient) name and instance UID.
+    import csv
+
+    with open(out / "raw" / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    secrets = {b"DOE^", b"Demo General Hospital", b"HOUSE^GREGORY"}
+    secrets |= {row[k].encode() for row in rows for k in ("patient_id", "folder", "sop_uid")}
+    # (prep's reject logs, DIR/shards_*.logs, are where source paths belong: kept beside, not in, an output)
+    written = [f for f in out.rglob("*") if f.is_file() and "raw" not in f.relative_to(out).parts
+               and not f.relative_to(out).parts[0].endswith(".logs")]
+    assert written and len(rows) == 90
+    for f in written:
+        blob, name = f.read_bytes(), str(f.relative_to(out)).encode()
+        for secret in secrets:
+            assert secret not in blob and secret not in name, (f, secret)
+
 
 def yaml_value(path, *keys):
     import yaml
