@@ -40,7 +40,7 @@ def _split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def cmd_prep(args: argparse.Namespace) -> int:
     from medscale.prep.deid import load_pseudonym_key
-    from medscale.prep.pipeline import PrepJob, merge, prepare_output, run_prep
+    from medscale.prep.pipeline import PrepJob, check_prep, merge, prepare_output, run_prep
     from medscale.report.console import print_manifest_summary
 
     if args.debug:
@@ -69,13 +69,16 @@ def cmd_prep(args: argparse.Namespace) -> int:
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     key = load_pseudonym_key(args.key_file, allow_random=args.random_key)
-    # Array tasks share one output directory: each resumes what is there.
-    prepare_output(out, resume=args.resume or args.num_tasks > 1, overwrite=args.overwrite, log_dir=log_dir)
     job = PrepJob(inputs=inputs, out=out, cfg=cfg, key=key, labels_csv=labels, workers=args.workers,
                   task_index=args.task_index, num_tasks=args.num_tasks, chunk_files=args.chunk_files,
                   log_dir=log_dir)
     t0 = time.perf_counter()
-    manifest = run_prep(job)
+    # Array tasks share one output directory: each resumes what is there.
+    resume = args.resume or args.num_tasks > 1
+    prepare_output(out, resume=resume, overwrite=args.overwrite, log_dir=log_dir, dry_run=True)  # refusals first
+    checked = check_prep(job)  # before --out is touched: a prep that fails now leaves it as it was
+    prepare_output(out, resume=resume, overwrite=args.overwrite, log_dir=log_dir)
+    manifest = run_prep(job, checked)
     if manifest is None:
         print(f"task {args.task_index}/{args.num_tasks} done in {time.perf_counter() - t0:.1f}s; "
               f"run `medscale prep --merge --out {out}` when all tasks are done")
@@ -100,9 +103,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key in args.get:  # for batch scripts: the resolved value of a key, one per line
             print(_resolved(cfg, key))
         return 0
-    from medscale.dist import launched, relaunch
+    from medscale.dist import launched
+    from medscale.formats.manifest import load_manifest
 
+    if not launched():
+        load_manifest(cfg.data.shards)  # a bad manifest: one line here, before any rank or engine starts
     if not launched() and cfg.dist.nproc > 1:
+        from medscale.train.launch import relaunch
+
         return relaunch(cfg, ["train"])
     from medscale.train.preemption import StopRequest
 
@@ -216,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("prep", help="DICOM/photo corpus -> de-identified, patient-split WebDataset shards",
                         description="Turn raw DICOM files and JPEG/PNG photos into de-identified, patient-split "
                         "tar shards with manifest.json and wids indexes; the reject log (rejects.jsonl, which names "
-                        "source files) goes to --log-dir, never into --out. Trailing key=value items "
-                        "override the recipe (e.g. encoding=png splits='{train: 0.9, test: 0.1}').")
+                        "source files) goes to --log-dir, never into --out. key=value items, before or "
+                        "after the options, override the recipe (e.g. encoding=png splits='{train: 0.9, test: 0.1}').")
     pp.add_argument("inputs", nargs="*", metavar="INPUT", help="directories, files, .txt file lists, or key=value overrides")
     pp.add_argument("--out", required=True, help="output directory for shards and manifest")
     pp.add_argument("--log-dir", help="operator logs that name source files (rejects.jsonl); default OUT.logs "
@@ -241,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("train", help="train a timm model with DeepSpeed on prepped shards",
                         description="Train with DeepSpeed. Outside a launcher, dist.nproc>1 starts the deepspeed "
                         "launcher on this node; under deepspeed, torchrun or srun it joins the existing ranks. The "
-                        "newest complete checkpoint in out_dir is resumed (checkpoint.resume).",
+                        "newest complete checkpoint in out_dir is resumed (checkpoint.resume). out_dir holds run.lock "
+                        "while the run trains: a second train on it exits 2 naming the holder; if this process is "
+                        "killed, even with SIGKILL, its launcher and ranks die with it.",
                         epilog="SIGUSR1, SIGUSR2, SIGTERM or SIGINT stop the run cleanly: all ranks save one checkpoint "
                         "at the next step, RUN_DIR/stopped.json says where, and the exit code is 75 (EX_TEMPFAIL: run "
                         "the same command again to continue). Exit codes: 0 done, 75 stopped by a signal, 2 a "
@@ -344,6 +354,26 @@ def _pin_build_environment() -> None:
         os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
 
 
+# The positional list of each command that takes KEY=VALUE overrides (and, for prep, its inputs).
+_TRAILING = {"prep": "inputs", "train": "overrides", "eval": "overrides", "demo": "overrides"}
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse with KEY=VALUE overrides (and prep's inputs) accepted anywhere, before or after the options.
+
+    argparse fills a positional list once, from the items before the first option; the items after
+    it come back unrecognised, and are added to that list here. An unknown option is still an error.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        dest = _TRAILING.get(args.command)
+        options = [x for x in extra if x.startswith("-")]
+        if dest is None or options:
+            parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
+        setattr(args, dest, [*getattr(args, dest), *extra])
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done, 2 bad config or input (one line), 1 anything else.
 
@@ -351,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     so it keeps its traceback rather than passing for a typo. MEDSCALE_DEBUG=1 adds the traceback
     to user errors too.
     """
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     _pin_build_environment()
     from medscale.logs import setup_logging
 

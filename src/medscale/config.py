@@ -185,6 +185,15 @@ class TrainConfig:
     ema_decay: float = 0.0
     """EMA of the weights with this decay per optimizer step (e.g. 0.9998); 0 disables. Under ZeRO-3
     each rank keeps the EMA of its own partition."""
+    ema_warmup: bool = True
+    """Warm the EMA's decay up (timm's ModelEmaV3): update t uses min(ema_decay, 1 - (1 + t /
+    ema_warmup_gamma) ^ -ema_warmup_power), so early evaluations and checkpoint.keep_best see an average
+    of recent weights rather than mostly the initial ones."""
+    ema_warmup_power: float = 2 / 3
+    """Warm-up power: 2/3 (timm's default; decay 0.99 after about 1,000 steps, 0.999 after about 31,600)
+    suits long runs, 3/4 shorter ones."""
+    ema_warmup_gamma: float = 1.0
+    """Warm-up step scale (larger: a slower warm-up)."""
     max_nonfinite: int = 3
     """Stop after this many non-finite losses in a row (each one skips its micro-batch on every rank)."""
     max_overflow_steps: int = 50
@@ -241,8 +250,8 @@ class DistConfig:
     """Local ranks to start with the deepspeed launcher (1 runs in-process)."""
     deepspeed_config: str = "ds_configs/zero2.json"
     """DeepSpeed JSON; values set to "auto" are filled from this config."""
-    master_port: int = 29500
-    """Rendezvous port for the local launcher."""
+    master_port: int | None = None
+    """Rendezvous port for the local launcher; unset: a free one, so runs side by side do not collide."""
     timeout_minutes: int = 30
     """Collective timeout: a rank stuck this long fails the run instead of hanging it."""
 
@@ -355,6 +364,9 @@ class RunConfig:
             raise ConfigError(f"train.layer_decay must be in (0, 1] (1 disables), got {t.layer_decay}")
         if not 0 <= t.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0 disables), got {t.ema_decay}")
+        if t.ema_warmup_power <= 0 or t.ema_warmup_gamma <= 0:
+            raise ConfigError(f"train.ema_warmup_power and train.ema_warmup_gamma must be > 0, got "
+                              f"{t.ema_warmup_power} and {t.ema_warmup_gamma}")
         if t.focal_gamma < 0:
             raise ConfigError(f"train.focal_gamma must be >= 0, got {t.focal_gamma}")
         if t.pos_weight and t.auto_pos_weight:

@@ -143,11 +143,11 @@ def run_demo(out: Path, config: str | None = None, overrides: Sequence[str] = ()
 
     from medscale.config import ConfigError, RunConfig, load_config
     from medscale.prep.config import PrepConfig
-    from medscale.dist import relaunch
     from medscale.prep.deid import load_pseudonym_key
     from medscale.prep.pipeline import PrepJob, prepare_output, run_prep
     from medscale.report.console import print_eval, print_manifest_summary
     from medscale.resources import resolve_resource
+    from medscale.train.launch import relaunch
 
     for flag, value in (("--patients", patients), ("--images-per-patient", images_per_patient), ("--workers", workers)):
         if value < 1:
@@ -397,7 +397,7 @@ def _prep(shards: Path, inputs: list[Path], labels: Path | None, prep_cfg: "Prep
 def _train_run(cfg: "RunConfig") -> int:
     """Train one run: through the deepspeed launcher for dist.nproc > 1, else in this process."""
     if cfg.dist.nproc > 1:
-        from medscale.dist import relaunch
+        from medscale.train.launch import relaunch
 
         rc = relaunch(cfg, ["train"])
         if rc != 0:

@@ -8,15 +8,11 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as torch_dist
 
-if TYPE_CHECKING:
-    from medscale.config import RunConfig
-
-__all__ = ["DistInfo", "relaunch", "launched", "env_from_slurm", "first_host", "init_distributed", "barrier",
+__all__ = ["DistInfo", "launched", "env_from_slurm", "first_host", "init_distributed", "barrier",
            "all_gather_objects", "cpu_group", "shutdown", "free_port"]
 
 
@@ -201,53 +197,3 @@ def all_gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(out, obj)
     return out
-
-
-def relaunch(cfg: "RunConfig", command: list[str]) -> int:
-    """Start `cfg.dist.nproc` local ranks of `medscale COMMAND` with the deepspeed launcher.
-
-    The resolved config is written to the run directory and handed to every rank, so the ranks
-    cannot disagree about it. Returns the launcher's exit code.
-    """
-    import sys
-    from pathlib import Path
-
-    from medscale.config import save_config
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = out / "launch_config.yaml"
-    save_config(cfg, resolved)
-    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.dist.nproc),
-           "--master_port", str(cfg.dist.master_port), "--no_local_rank", "--module", "medscale.cli",
-           *command, "--config", str(resolved)]
-    print("launching:", " ".join(cmd), flush=True)
-    from medscale.train.preemption import relay_signals
-
-    # The launchers get a process group of their own with USR1/USR2 ignored (the ranks install their
-    # own handlers): any stop signal this process gets is relayed to that group as SIGUSR1, which
-    # the ranks turn into a clean stop while the launchers wait for them and pass their exit code on.
-    child = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_ignore_user_signals)
-    restore = relay_signals(child)
-    try:
-        return child.wait()
-    finally:
-        restore()
-
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _ignore_user_signals() -> None:
-    """In the launcher's process, before exec: USR1/USR2 ignored (inherited by the launchers; the
-    deepspeed launcher has no handler for them and would die of them), and SIGTERM when this process
-    dies (killed with SIGKILL, say), so the launcher in its own session is never left running."""
-    import ctypes
-    import signal
-
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the launcher outlives a killed parent, as before

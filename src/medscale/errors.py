@@ -6,7 +6,7 @@ classes derive from ValueError as well, so callers that catch ValueError for bad
 
 from __future__ import annotations
 
-__all__ = ["UserError", "ConfigError", "InputError", "InputNotFound"]
+__all__ = ["UserError", "ConfigError", "InputError", "InputNotFound", "CorruptShards", "RunStateError"]
 
 
 class UserError(Exception):
@@ -23,3 +23,12 @@ class InputError(UserError, ValueError):
 
 class InputNotFound(UserError, FileNotFoundError):
     """A file or directory the command was pointed at does not exist; the message names it."""
+
+
+class CorruptShards(InputError, RuntimeError):
+    """More unreadable samples than ``data.max_corrupt_fraction`` allows: the shards need checking."""
+
+
+class RunStateError(UserError, RuntimeError):
+    """A run's files are not in a state the command can go on from (checkpoints that changed while it
+    started, a damaged checkpoint): the message says what happened and what to do."""

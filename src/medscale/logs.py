@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Any
 
-__all__ = ["setup_logging", "rank_from_env", "Progress", "on_terminal"]
+__all__ = ["setup_logging", "rank_from_env", "Progress", "on_terminal", "metric_fields"]
 
 _CHATTY = ("DeepSpeed", "torch.distributed", "wandb", "urllib3", "matplotlib", "PIL")
 """Libraries whose own INFO lines are kept out unless MEDSCALE_DEBUG is set."""
@@ -30,6 +30,15 @@ def rank_from_env() -> int:
         if value.isdigit() and (key == "RANK" or "SLURM_STEP_ID" in os.environ or "SLURM_STEPID" in os.environ):
             return int(value)
     return 0
+
+
+def metric_fields(**values: Any) -> str:
+    """``name value`` pairs as in training's step lines: floats to 4 decimals, None as "-", two spaces
+    between pairs (``auroc 0.6132  accuracy 0.7500  n 60``)."""
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    return "  ".join(f"{k} {fmt(v)}" for k, v in values.items())
 
 
 def on_terminal() -> bool:

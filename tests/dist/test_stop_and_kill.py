@@ -10,6 +10,12 @@ and the same command continues it as if nothing had happened.
   restarted with the same command: every step's loss and the final weights equal the uninterrupted
   run's bitwise, each step logged once.
 - SIGKILL while a checkpoint is half written: the next start takes the previous complete one.
+- SIGKILL of `medscale train dist.nproc=2`'s process group (what a user's kill -9 or the end of a job
+  step does): the launchers, the ranks and their loader workers die within seconds and write nothing
+  more; the same command then takes the dead run's lock over and resumes bitwise.
+- One writer per run directory: a second `medscale train` on a run in progress exits 2 at once naming
+  the holder, while the first finishes unharmed; two runs side by side on one machine both finish
+  (each on a free rendezvous port).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,7 +57,7 @@ def shards(tmp_path_factory):
     return root
 
 
-def _config(tmp: Path, shards: Path, **checkpoint) -> Path:
+def _config(tmp: Path, shards: Path, port: bool = True, **checkpoint) -> Path:
     config = {
         "data": {"shards": str(shards), "image_size": 16, "channels": 1, "num_workers": 1, "shuffle_block": 16},
         "model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},
@@ -59,6 +67,8 @@ def _config(tmp: Path, shards: Path, **checkpoint) -> Path:
         "eval": {"micro_batch_size": 4, "bootstrap": 0},
         "checkpoint": {"every_steps": 0, "keep": 2, **checkpoint},
     }
+    if not port:  # medscale picks a free one
+        del config["dist"]["master_port"]
     path = tmp / f"run{len(list(tmp.glob('run*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -269,3 +279,57 @@ def test_every_minutes_and_keep_best_in_a_real_run(tmp_path, shards):
     assert 12 in kept and best in kept and len(kept) <= 2, (kept, scores)
     recorded = json.loads((out / "checkpoints" / f"step{best:08d}" / "complete.json").read_text())["score"]
     assert recorded == scores[best]
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+
+
+def _files(out: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+
+
+def test_sigkill_of_medscale_nproc2_leaves_nothing_running_and_resumes(tmp_path, shards, reference):
+    config = _config(tmp_path, shards, port=False, every_steps=3)
+    out = tmp_path / "run"
+    cmd = _train_cmd(config, out, "dist.nproc=2")
+    proc = _start(cmd)
+    _wait_for(out, 10, proc)
+    tree = _tree(proc.pid)
+    names = " ".join(" ".join(p.cmdline()) for p in tree)
+    assert "medscale.leash" in names and "deepspeed.launcher.launch" in names and len(tree) >= 5, names
+    os.killpg(proc.pid, signal.SIGKILL)  # the medscale train process's group, as kill -9 -PGID does
+    proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive, [" ".join(p.cmdline())[:150] for p in alive]
+    assert not _left_running(str(config))
+    before = _files(out)
+    time.sleep(3)
+    assert _files(out) == before  # nothing writes into the run directory any more
+
+    rc, log = _finish(_start(cmd))
+    assert rc == 0, log[-4000:]
+    assert f"taking over the lock of pid {proc.pid}" in log and "is not running" in log
+    assert _losses(out) == reference[2]["losses"]  # bitwise, each step once
+    assert re.search(r"eval test: auroc \d\.\d{4}  auprc \d\.\d{4}  accuracy \d\.\d{4}  n \d+", log), log[-2000:]
+    assert not (out / "run.lock").exists()
+
+
+def test_one_writer_per_run_directory_and_runs_side_by_side(tmp_path, shards, reference):
+    config = _config(tmp_path, shards, port=False)
+    first, beside = tmp_path / "first", tmp_path / "beside"
+    a = _start(_train_cmd(config, first, "dist.nproc=2"))
+    c = _start(_train_cmd(config, beside, "dist.nproc=2"))  # another run on this machine: its own free port
+    _wait_for(first, 3, a)
+    started = time.time()
+    second = subprocess.run(_train_cmd(config, first, "dist.nproc=2"), cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert time.time() - started < 30  # at once: no rank, no engine
+    lines = [x for x in second.stderr.splitlines() if x.strip()]
+    assert lines == [f"medscale train: error: run directory {first} is in use by pid {a.pid} on host "
+                     f"{socket.gethostname()}, started {lines[0].split(', started ')[1]}"], second.stderr[-3000:]
+    for proc, out in ((a, first), (c, beside)):
+        rc, log = _finish(proc)
+        assert rc == 0, log[-4000:]
+        assert _losses(out) == reference[2]["losses"]  # the first run unharmed, the one beside it too

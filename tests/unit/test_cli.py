@@ -10,7 +10,8 @@ import pytest
 
 import medscale.cli
 from medscale.cli import main
-from medscale.errors import InputError, InputNotFound
+from medscale.errors import CorruptShards, InputError, InputNotFound, RunStateError
+from medscale.train.runlock import RunLocked
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -73,7 +74,11 @@ def test_unexpected_error_in_a_command_exits_1_with_its_traceback(exc, monkeypat
 
 
 @pytest.mark.parametrize("exc", [InputError("labels CSV x.csv lacks column 'finding'"),
-                                 InputNotFound("prep input 'raw/' does not exist")], ids=lambda e: type(e).__name__)
+                                 InputNotFound("prep input 'raw/' does not exist"),
+                                 RunStateError("the checkpoints in x changed while this run started: stop it"),
+                                 CorruptShards("12 corrupt samples exceed data.max_corrupt_fraction"),
+                                 RunLocked("run directory x is in use by pid 1 on host h")],
+                         ids=lambda e: type(e).__name__)
 def test_user_error_from_a_command_exits_2(exc, monkeypatch, capsys):
     def refuses(args):
         raise exc
@@ -123,3 +128,27 @@ def test_one_ninja_and_one_extension_cache_per_environment(monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")
     medscale.cli._pin_build_environment()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == "/somewhere/else"
+
+
+def test_a_taken_master_port_is_named_and_nothing_starts(tmp_path):
+    """dist.master_port set and held by another process: one line naming the setting, exit 2, no launcher."""
+    import socket
+
+    from conftest import subprocess_env, write_shards
+
+    write_shards(tmp_path / "shards", {"train": [8], "test": [4]})
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "medscale.cli", "train", "--config", DEMO, "dist.nproc=2",
+                            f"dist.master_port={port}", f"data.shards={tmp_path / 'shards'}", f"out_dir={tmp_path / 'run'}"],
+                           capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert _lines(r.stderr) == [f"medscale train: error: dist.master_port={port} is in use on this machine (Address "
+                                "already in use): another run may hold it; choose another port, or leave "
+                                "dist.master_port unset for a free one"]
+    assert "launching:" not in r.stdout
+    assert not (tmp_path / "run" / "run.lock").exists()  # the lock it took is given back
+    assert not (tmp_path / "run" / "launch_config.yaml").exists()
+

@@ -70,6 +70,11 @@ def test_validation_and_bad_override_syntax():
         load_config(RunConfig, None, ["data.normalize=window"])
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(RunConfig, None, ["train.lr"])
+    with pytest.raises(ConfigError, match="train.ema_warmup_power and train.ema_warmup_gamma must be > 0"):
+        load_config(RunConfig, None, ["train.ema_warmup_power=0"])
+    cfg = load_config(RunConfig, None, ["train.ema_decay=0.9998"])
+    assert cfg.train.ema_warmup and cfg.train.ema_warmup_power == 2 / 3  # on by default
+    assert cfg.dist.master_port is None  # a free port unless one is set
 
 
 def test_missing_and_invalid_file(tmp_path):

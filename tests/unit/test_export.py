@@ -272,3 +272,21 @@ def test_zero12_reader_refuses_inconsistent_files(tmp_path):
     _zero12_checkpoint(tmp_path / "two_groups", [groups[0], {"b": (3,)}], 1)
     with pytest.raises(InputError, match="holds 2 parameter groups, the model states 1"):
         export._master_weights(tmp_path, "two_groups", tmp_path / "two_groups", states)
+
+
+def test_names_read_from_an_export_or_a_run_never_reach_a_hub_or_a_path(run, tmp_path):
+    """config.json and checkpoints/latest are files, not instructions: a hub name, a file-loading
+    argument or a tag outside the run's checkpoints is refused before anything is opened."""
+    out = tmp_path / "exp"
+    export_run(run, out)
+    spec = json.loads((out / "config.json").read_text())["timm"]
+    for bad, what in (({"model_name": "hf-hub:timm/vit_tiny_patch16_224"}, "model_name"),
+                      ({"kwargs": {**spec["kwargs"], "checkpoint_path": str(run / "model.pt")}}, "checkpoint_path"),
+                      ({"kwargs": {**spec["kwargs"], "pretrained_cfg": {"url": "https://example.invalid/w.pth"}}},
+                       "pretrained_cfg")):
+        with pytest.raises(InputError, match=f"{what}.*is refused"):
+            load_exported(out, spec={**spec, **bad})
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("../../elsewhere")
+    with pytest.raises(InputError, match="checkpoints/latest names '../../elsewhere'.*is refused"):
+        export_run(run, tmp_path / "x", checkpoint="latest")

@@ -87,10 +87,14 @@ def test_the_local_reader_uses_the_index_and_falls_back_to_a_scan(tmp_path, monk
     assert sum(int(b["valid"].sum()) for b in batches(s)) == 12 and s.stats()["corrupt_samples"] == 0
     monkeypatch.undo()
 
-    # An index of another size (the shard was rewritten), a newer version, or none: the header scan.
+    # An index of another size (the shard was rewritten), a newer version, a member outside the shard
+    # (offsets are data: never a seek or an allocation anywhere), or none: the header scan.
     index = Path(str(path) + INDEX_SUFFIX)
     doc = json.loads(index.read_bytes())
-    for broken in ({**doc, "bytes": doc["bytes"] + 512}, {**doc, "version": INDEX_VERSION + 1}, None):
+    first = doc["samples"][0]
+    outside = {**first, "members": {ext: [doc["bytes"] - 10, 1 << 40] for ext in first["members"]}}
+    for broken in ({**doc, "bytes": doc["bytes"] + 512}, {**doc, "version": INDEX_VERSION + 1},
+                   {**doc, "samples": [outside, *doc["samples"][1:]]}, None):
         if broken is None:
             index.unlink()
         else:
@@ -100,6 +104,7 @@ def test_the_local_reader_uses_the_index_and_falls_back_to_a_scan(tmp_path, monk
         assert not shard.indexed and len(shard.samples) == 7 and shard.read(6, False)["__key__"] == "s000006"
         shard.close()
     assert "describes a shard of" in caplog.text and "index version" in caplog.text
+    assert "lies outside the shard's" in caplog.text
 
 
 def test_class_balance_reads_labels_from_the_indexes_not_the_shards(tmp_path, monkeypatch):

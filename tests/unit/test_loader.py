@@ -450,13 +450,16 @@ def test_a_worker_with_nothing_readable_never_raises_alone(tmp_path):
 
 
 def test_url_forms():
-    from medscale.formats.manifest import is_local, join_url, wds_gopen
+    from medscale.formats.manifest import UnsafeManifestEntry, is_local, join_url, wds_gopen
 
     assert join_url("pipe:aws s3 cp s3://b/prep/{} -", "train-0.tar") == "pipe:aws s3 cp s3://b/prep/train-0.tar -"
     assert join_url("pipe:curl -s https://h/prep", "m.json") == "pipe:curl -s https://h/prep/m.json"
     assert join_url("https://h/prep/", "train-0.tar") == "https://h/prep/train-0.tar"
     assert join_url("/data/prep/manifest.json", "train-0.tar") == "/data/prep/train-0.tar"
-    assert join_url("/data/prep", "/abs/train-0.tar") == "/abs/train-0.tar"
+    # A name read from a manifest is data: never a command, a URL or a place outside the root.
+    for name in ("/abs/train-0.tar", "../x/train-0.tar", "pipe:touch x", "https://h/t.tar", "a;b.tar", "-o.tar"):
+        with pytest.raises(UnsafeManifestEntry, match="is refused"):
+            join_url("/data/prep", name)
     assert is_local("/data/x.tar") and is_local("file:///data/x.tar") and not is_local("s3://b/x.tar")
     assert "s3" in wds_gopen.gopen_schemes  # s3:// opens through the AWS CLI
 

@@ -20,3 +20,10 @@ def test_deepspeed_collective_deprecation_is_hidden_unless_debugging(monkeypatch
     messages = [str(w.message) for w in seen]
     assert "something else is deprecated" in messages
     assert (DS_WARNING in messages) == debug
+
+
+def test_metric_fields_read_like_the_training_lines():
+    from medscale.logs import metric_fields
+
+    assert metric_fields(auroc=0.6131623290763674, auprc=None, accuracy=0.75, n=60) == \
+        "auroc 0.6132  auprc -  accuracy 0.7500  n 60"

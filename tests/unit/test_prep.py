@@ -197,6 +197,73 @@ def test_output_dir_is_refused_unless_resume_or_overwrite(tmp_path):
     assert not (out / "something").exists() and (out / "manifest.json").exists()
 
 
+def test_overrides_go_anywhere_on_the_command_line(tmp_path):
+    """As `medscale prep --help` says: trailing key=value items override the recipe, after the options too."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm", download=False), src / "a.dcm")
+    r = cli("prep", src, "--out", tmp_path / "out", "encoding=png", "--workers", 1, "splits={train: 1.0}")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["encoding"] == "png" and list(manifest["splits"]) == ["train"]
+    r = cli("prep", src, "--out", tmp_path / "o2", "encodin=png")
+    assert r.returncode == 2 and "unknown config key 'encodin'" in r.stderr and "did you mean 'encoding'" in r.stderr
+    r = cli("prep", src, "--out", tmp_path / "o2", "encoding=png", "--bogus")
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
+    assert not (tmp_path / "o2").exists()
+
+
+def _tree_state(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_prep_that_fails_before_its_first_input_leaves_out_as_it_found_it(tmp_path):
+    labels = write_synthetic_corpus(tmp_path / "raw", patients=3, images_per_patient=2, size=32)
+    raw, recipe = tmp_path / "raw" / "dicom", ROOT / "data_prep" / "demo.yaml"
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("nothing,useful\n1,2\n")
+    out = tmp_path / "out"
+    for args in (["--labels", bad_csv], ["--labels", labels, "label_column=nope"], ["--labels", tmp_path / "none.csv"],
+                 ["--labels", labels, "stratify=true", "patient_column=missing"]):
+        r = cli("prep", raw, "--out", out, "--recipe", recipe, *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert not out.exists() and not (tmp_path / "out.logs").exists(), args
+    assert cli("prep", raw, "--out", out, "--recipe", recipe, "--labels", labels).returncode == 0
+    before = _tree_state(out), _tree_state(tmp_path / "out.logs")
+    for args in (["--overwrite", "--labels", bad_csv], ["--resume", "--labels", bad_csv], ["--overwrite", tmp_path / "gone"],
+                 ["--resume", "--labels", labels, "--chunk-files", 1]):
+        r = cli("prep", raw, "--out", out, "--recipe", recipe, *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert (_tree_state(out), _tree_state(tmp_path / "out.logs")) == before, args
+
+
+@pytest.mark.integration
+def test_sigkill_of_prep_stops_its_workers(tmp_path):
+    """kill -9 of a prep with worker processes: the workers die with it and write no more shards."""
+    import psutil
+
+    labels = write_synthetic_corpus(tmp_path / "raw", patients=40, images_per_patient=4, size=64)
+    out = tmp_path / "out"
+    env = {**os.environ, "MEDSCALE_PSEUDONYM_KEY": KEY.hex()}
+    proc = subprocess.Popen([sys.executable, "-m", "medscale.cli", "prep", str(tmp_path / "raw" / "dicom"), "--out",
+                             str(out), "--labels", str(labels), "--recipe", str(ROOT / "data_prep" / "demo.yaml"),
+                             "--workers", "2", "--chunk-files", "4"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "chunks").glob("*.json"))) < 2:
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) >= 2, workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [w.pid for w in alive]
+    files = {str(p): p.stat().st_size for p in out.rglob("*") if p.is_file()}
+    time.sleep(2)
+    assert {str(p): p.stat().st_size for p in out.rglob("*") if p.is_file()} == files
+    assert len(list((out / "chunks").glob("*.json"))) < 40
+
+
 def test_missing_key_stops_with_instructions(tmp_path):
     src = tmp_path / "in"
     src.mkdir()

@@ -276,3 +276,19 @@ def test_slurm_job_and_restart_count_are_in_the_config_and_the_group_is_the_run(
     assert run["config"]["launch"] == {"slurm_job_id": "4242", "slurm_restart_count": "3",
                                        "slurm_nodes": "gpu[001-002]"}
     assert run["group"] == "ct_run" and run["config"]["train"]["steps"] == 3
+
+
+def test_a_run_id_read_from_a_checkpoint_never_names_a_path(offline, tmp_path, caplog):
+    """The W&B id names W&B's run folder: one read from a checkpoint or RUN/wandb_id must be a plain id."""
+    wandb_dir = offline("wb")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tracker = Tracker(LoggingConfig(wandb=True, project="medscale-test"), run_dir, True, CONFIG)
+    tracker.load_state_dict({"wandb_id": "../../escape"})
+    with caplog.at_level(logging.WARNING, logger="medscale.train"):
+        tracker.start()
+    tracker.log(1, {"loss": 0.5}, prefix="train/")
+    tracker.close()
+    assert "W&B run id '../../escape'" in caplog.text and "training goes on" in caplog.text
+    assert not list(tmp_path.rglob("*escape*")) and not list(wandb_dir.iterdir())
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["train/loss"] == 0.5

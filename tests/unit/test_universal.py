@@ -96,6 +96,22 @@ def test_resume_without_a_plan_refuses_another_number_of_ranks(tmp_path):
         ck.resume(object(), {})
 
 
+def test_checkpoints_that_change_while_a_run_starts_stop_it_with_what_to_do(tmp_path):
+    """Another process wrote a newer checkpoint between the plan and the load (a second writer, or ranks
+    that outlived their launcher): one line naming both checkpoints and what to do, not an internal error."""
+    from medscale.errors import RunStateError, UserError
+
+    _checkpoint(tmp_path, 4, world=1, micro=4, accum=1)
+    ck = Checkpointer(CheckpointConfig(), tmp_path, DistInfo(0, 1, 0), last_step=10)
+    assert ck.prepare_resume(TrainConfig(micro_batch_size=4, grad_accum=1)).path.name == "step00000004"
+    _checkpoint(tmp_path, 6, world=1, micro=4, accum=1)
+    with pytest.raises(RunStateError) as e:
+        ck.resume(object(), {})
+    assert isinstance(e.value, UserError)
+    assert "planned to resume from step00000004, and the newest complete one is now step00000006" in str(e.value)
+    assert "Another process is writing this run directory: stop it" in str(e.value)
+
+
 def test_torn_checkpoints_after_the_resumed_one_are_removed(tmp_path):
     """A torn checkpoint left by a kill holds the shards of the run that wrote it: a resume on fewer ranks
     would write the same tag over it and leave the other ranks' shards mixed in."""

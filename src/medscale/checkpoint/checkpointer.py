@@ -48,6 +48,7 @@ import torch
 from medscale.checkpoint import universal
 from medscale.config import CheckpointConfig, ConfigError, TrainConfig
 from medscale.dist import DistInfo, barrier
+from medscale.errors import RunStateError
 from medscale.files import atomic_write
 from medscale.checkpoint.safety import verify_checkpoint_files
 
@@ -212,12 +213,21 @@ class Checkpointer:
         restored (they are per rank).
 
         Raises:
+            RunStateError: the newest complete checkpoint is not the one `prepare_resume` planned for
+                (another process writes this run directory), or DeepSpeed cannot load it.
             RuntimeError: the checkpoint was written by another number of ranks and `prepare_resume`
-                was not called before the engine was built, or DeepSpeed cannot load it.
+                was not called before the engine was built (a programming error).
         """
         plan = self._plan
-        if plan is None or plan.path != (self.newest() if self.cfg.resume else None):
+        newest = self.newest() if self.cfg.resume else None
+        if plan is None:
             plan = self._plan = self._plain_plan()
+        elif plan.path != newest:
+            raise RunStateError(
+                f"the checkpoints in {self.root} changed while this run started: it planned to resume from "
+                f"{plan.path.name if plan.path else 'the beginning'}, and the newest complete one is now "
+                f"{newest.name if newest else 'none'}. Another process is writing this run directory: stop it "
+                "(look for medscale or deepspeed processes with this out_dir), then run the command again")
         path = plan.path
         if path is None:
             return None
@@ -241,7 +251,9 @@ class Checkpointer:
         else:
             loaded, client = engine.load_checkpoint(str(self.root), tag=path.name)
         if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+            raise RunStateError(f"DeepSpeed could not load checkpoint {path}, though it is marked complete: move it "
+                                f"out of {self.root} to resume from the one before it, or set checkpoint.resume=false "
+                                "to start again")
         states = _read_parts(path, client)
         for name, part in parts.items():
             if part is None:

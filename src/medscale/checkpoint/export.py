@@ -65,7 +65,7 @@ from medscale.checkpoint.checkpointer import COMPLETE, PARTS
 from medscale.checkpoint.safety import safe_load, verify_checkpoint_files
 from medscale.checkpoint.weights import MODEL_FILE, PREPROCESS_FILE, preprocess_record, read_preprocess
 from medscale.errors import ConfigError, InputError, InputNotFound
-from medscale.files import atomic_write
+from medscale.files import atomic_write, unsafe_relative_name
 
 __all__ = ["EXPORT_VERSION", "WEIGHTS_FILE", "CONFIG_FILE", "ONNX_FILE", "ONNX_TOLERANCE", "ExportResult",
            "OnnxParityError", "export_run", "timm_spec", "load_exported", "write_safetensors", "export_onnx"]
@@ -235,6 +235,28 @@ def _timm_call(spec: Mapping[str, Any], file: str) -> str:
             f"pretrained_cfg_overlay=dict(file={file!r}, {extra}), {args})")
 
 
+# timm.create_model arguments that load files or reach a hub: an export's own weights file is the only
+# source (`load_exported` names it), whatever its config.json says.
+_SOURCE_ARGUMENTS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                               "cache_dir"})
+
+
+def _check_spec(spec: Mapping[str, Any], out_dir: Path) -> None:
+    """Refuse a config.json whose timm call would read anything but the export's own weights: a hub or
+    local-dir model name, or an argument that names a file, a URL or a cache."""
+    import timm
+
+    name = spec.get("model_name")
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise InputError(f"{out_dir / CONFIG_FILE}: model_name {name!r} is refused: not a model of timm's registry "
+                         "(hub and local-dir names are never loaded)")
+    kwargs = spec.get("kwargs")
+    bad = sorted(_SOURCE_ARGUMENTS & set(kwargs)) if isinstance(kwargs, Mapping) else ["kwargs"]
+    if bad:
+        raise InputError(f"{out_dir / CONFIG_FILE}: timm argument {bad[0]} is refused: an export loads its own "
+                         f"{WEIGHTS_FILE} and nothing else")
+
+
 def load_exported(out_dir: str | Path, spec: Mapping[str, Any] | None = None) -> nn.Module:
     """Plain timm's model of an export (`load_with_timm` in its config.json), in eval mode."""
     import timm
@@ -245,6 +267,7 @@ def load_exported(out_dir: str | Path, spec: Mapping[str, Any] | None = None) ->
         if not path.exists():
             raise InputNotFound(f"{path} not found: not a medscale export")
         spec = json.loads(path.read_text())["timm"]
+    _check_spec(spec, out_dir)
     overlay = dict(spec["pretrained_cfg_overlay"], input_size=tuple(spec["pretrained_cfg_overlay"]["input_size"]))
     model = timm.create_model(spec["model_name"], pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(out_dir / WEIGHTS_FILE), **overlay),
@@ -278,6 +301,10 @@ def _checkpoint_weights(run_dir: Path, tag: str, use_ema: bool | None) -> tuple[
     root = run_dir / "checkpoints"
     if tag == "latest" and (root / "latest").exists():
         tag = (root / "latest").read_text().strip()
+        why = unsafe_relative_name(tag) or ("it has a /" if "/" in tag else None)
+        if why is not None:  # a file's contents, not the user's word: only a tag below checkpoints/
+            raise InputError(f"{root / 'latest'}: checkpoints/latest names {tag!r}, which is refused: {why}; "
+                             "pass --checkpoint with a tag under it")
     path = root / tag
     if not path.is_dir():
         tags = _tags(run_dir)

@@ -45,6 +45,7 @@ from medscale.checkpoint.safety import safe_load, verify_checkpoint_files
 from medscale.dist import DistInfo, all_gather_objects
 from medscale.errors import ConfigError
 from medscale.files import atomic_write
+from medscale.leash import popen_leashed
 
 __all__ = ["SUFFIX", "MARKER", "MIN_DEEPSPEED", "SavedRun", "has_model_states", "saved_run", "grad_accum_for",
            "universal_dir", "is_converted", "convert", "finish_load", "drop_orphans"]
@@ -194,11 +195,13 @@ def _run_conversion(ckpt: Path, out: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}  # not a rank of this job
     log.info("converting checkpoint %s to a universal checkpoint %s (DeepSpeed ds_to_universal)", ckpt, out)
     start = time.monotonic()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # Behind a leash: the conversion and its worker processes die with this rank, SIGKILL included.
+    proc = popen_leashed(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate()
     seconds = time.monotonic() - start
-    output = r.stdout + r.stderr
-    if r.returncode != 0 or not target.is_dir():
-        raise RuntimeError(f"{' '.join(cmd)} exited with {r.returncode}:\n{output[-4000:]}")
+    output = stdout + stderr
+    if proc.returncode != 0 or not target.is_dir():
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{output[-4000:]}")
     (target / "conversion.log").write_text(output)
     atomic_write(target / MARKER, json.dumps({"source": ckpt.name, "deepspeed": deepspeed.__version__,
                                               "seconds": round(seconds, 1), "converted": time.time()}))

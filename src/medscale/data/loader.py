@@ -69,9 +69,11 @@ samples (summed over ranks) exceed ``data.max_corrupt_fraction`` of the epoch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import os
 import signal
 from typing import Any, Iterator
 
@@ -84,9 +86,10 @@ from medscale.data.order import (EpochOrder, class_weights, eval_batch_ids, eval
                                  train_batch_ids, worker_batches)
 from medscale.data.reader import ShardReader, shard_labels
 from medscale.data.transforms import SampleTransform
-from medscale.errors import ConfigError
+from medscale.errors import ConfigError, CorruptShards
 from medscale.formats.manifest import has_labels, join_url, load_manifest, task_of
 from medscale.formats.sample import decode_members, label_field
+from medscale.leash import die_with_parent
 
 __all__ = ["load_manifest", "ShardStream", "StreamLoader", "make_loader", "decode_sample", "Batch",
            "STATE_VERSION"]
@@ -430,8 +433,9 @@ class ShardStream(IterableDataset):
 
     def _consumed(self, stats: dict[str, Any], index: int, total: int) -> None:
         if stats["batch"] != index:
-            raise RuntimeError(f"loader delivered batch {stats['batch']} where {index} was due; "
-                               "batches must come back in order for exact resume")
+            raise RuntimeError(f"loader delivered batch {stats['batch']} where {index} was due; batches must come "
+                               "back in order for exact resume. This is a bug in medscale: please report it with "
+                               "this log; the same command resumes from the last checkpoint")
         self.corrupt_count += stats["corrupt"]
         self.shard_errors += stats["shard_errors"]
         self.bytes_read += stats["bytes"]
@@ -448,7 +452,7 @@ class ShardStream(IterableDataset):
         limit = self.max_corrupt_fraction * self.samples
         if total > limit:
             # Every rank got the same sum, so every rank stops here: no rank waits in a collective.
-            raise RuntimeError(
+            raise CorruptShards(
                 f"{total} corrupt samples in epoch {self.epoch} of split {self.split!r} ({self.root}) exceed "
                 f"data.max_corrupt_fraction={self.max_corrupt_fraction} of its {self.samples} samples; "
                 "the log names each one (logger medscale.data); check the shards with `medscale inspect --verify`"
@@ -664,7 +668,8 @@ class StreamLoader(DataLoader):
         # Pinned batches let the copy to the GPU run asynchronously (non_blocking in `to_device`).
         super().__init__(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                          prefetch_factor=_PREFETCH if workers else None, in_order=True,
-                         worker_init_fn=_ignore_stop_signals if workers else None, pin_memory=cuda)
+                         worker_init_fn=functools.partial(_worker_init, parent=os.getpid()) if workers else None,
+                         pin_memory=cuda)
         self.stream = stream
 
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
@@ -680,16 +685,18 @@ class StreamLoader(DataLoader):
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """In each loader worker: stop signals are the main process's business.
+def _worker_init(worker_id: int, parent: int) -> None:
+    """In each loader worker: stop signals are the main process's business, and its death is the worker's.
 
     `scancel`, a time limit or a preemption signal every process of a Slurm step, workers included;
     a worker that died of SIGTERM makes the main process raise "DataLoader worker is killed by
     signal" before it could save. Ignoring them here lets the main process stop at the step
-    boundary; the workers still end with it (the loader's sentinel, or its death).
+    boundary; the workers still end with it: the loader's sentinel, or the kernel's SIGKILL when
+    the rank dies (torch's own check of the parent only runs between batches, seconds later).
     """
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL, parent)
 
 
 def make_loader(stream: ShardStream, device: torch.device | str | None = None) -> StreamLoader:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from medscale.config import ConfigError, EvalConfig, RunConfig
+from medscale.errors import CorruptShards, RunStateError
 from medscale.data.device import to_device
 from medscale.data.loader import ShardStream, make_loader
 from medscale.files import atomic_write
@@ -141,9 +142,9 @@ def gather_split(parts: list[dict[str, Any]], stream: ShardStream) -> SplitRows:
     as all-gathered), each sample taken once, and the checks that it covers the split.
 
     Raises:
-        RuntimeError: more corrupt samples than ``data.max_corrupt_fraction`` allows, no sample at
-            all, or another number of distinct samples than the manifest holds for the split,
-            corrupt ones included (a loader bug must not hide in the figures).
+        CorruptShards: more corrupt samples than ``data.max_corrupt_fraction`` allows, or no sample at all.
+        RunStateError: another number of distinct samples than the manifest holds for the split,
+            corrupt ones included (shards that changed, or a loader bug, must not hide in the figures).
     """
     seen: dict[str, tuple[int, int]] = {}
     duplicates = 0
@@ -155,16 +156,18 @@ def gather_split(parts: list[dict[str, Any]], stream: ShardStream) -> SplitRows:
             seen[key] = (j, i)
     corrupt = sum(part["corrupt"] for part in parts)
     if corrupt > stream.max_corrupt_fraction * stream.samples:
-        raise RuntimeError(f"{corrupt} corrupt samples in split {stream.split!r} ({stream.root}) exceed "
+        raise CorruptShards(f"{corrupt} corrupt samples in split {stream.split!r} ({stream.root}) exceed "
                            f"data.max_corrupt_fraction={stream.max_corrupt_fraction} of its {stream.samples}; "
                            "the log names each one; check the shards with `medscale inspect --verify`")
     if corrupt:
         log.warning("%d corrupt samples of split %r left out of the evaluation", corrupt, stream.split)
     if not seen:
-        raise RuntimeError(f"evaluation of split {stream.split!r} saw no samples")
+        raise CorruptShards(f"evaluation of split {stream.split!r} ({stream.root}) saw no readable sample; check the "
+                            "shards with `medscale inspect --verify`")
     if len(seen) + corrupt != stream.samples:
-        raise RuntimeError(f"evaluation saw {len(seen)} distinct samples of split {stream.split!r} and {corrupt} "
-                           f"corrupt ones; the manifest says {stream.samples}")
+        raise RunStateError(f"evaluation saw {len(seen)} distinct samples of split {stream.split!r} and {corrupt} "
+                            f"corrupt ones; the manifest says {stream.samples}: the shards in {stream.root} do not "
+                            "match their manifest (check them with `medscale inspect --verify`, or prep them again)")
     return SplitRows(list(seen.values()), list(seen), duplicates, corrupt)
 
 
@@ -181,9 +184,10 @@ def evaluate(model: Any, stream: ShardStream, cfg: EvalConfig, dtype: torch.dtyp
     (``data.max_corrupt_fraction`` of the split). `seed` seeds the bootstrap.
 
     Raises:
-        RuntimeError: the ranks together saw another number of distinct samples than the
+        RunStateError: the ranks together saw another number of distinct samples than the
             manifest holds for the split, corrupt ones included (a loader bug must not hide in
-            the metrics), or more corrupt samples than ``data.max_corrupt_fraction`` allows.
+            the metrics).
+        CorruptShards: more corrupt samples than ``data.max_corrupt_fraction`` allows.
     """
     mine = predict(model, stream, dtype, device, samples_per_class)
     images = mine.pop("sample_images")  # only the chosen few travel, in a second gather below
@@ -313,12 +317,12 @@ def run_eval(run: str | Path, overrides: list[str] | tuple[str, ...] = (), split
 
     run = Path(run)
     cfg = load_config(RunConfig, run / "config.yaml", overrides)
+    manifest = load_manifest(cfg.data.shards)  # first: a manifest that is not plain data is refused at once
     dist = init_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model, _ = load_run_model(run, use_ema=cfg.eval.use_ema)
     model = model.to(device)
     split = split or cfg.data.test_split
-    manifest = load_manifest(cfg.data.shards)
     task = build_task(cfg, manifest)  # the run's own objective evaluates it (an MAE run: reconstruction)
     stream = ShardStream(cfg.data.shards, split, cfg.data, micro_batch=cfg.eval.micro_batch_size,
                          rank=dist.rank, world=dist.world, train=False, seed=cfg.train.seed, manifest=manifest,

@@ -26,9 +26,12 @@ before, and one that says multiclass with no classes and no label counts counts 
   (through ``aws s3 cp``), ``gs://...``, or ``pipe:CMD`` where ``{}`` in CMD is replaced by the
   file name (``pipe:aws s3 cp s3://b/prep/{} -``); without ``{}`` the name is appended after a "/".
 
-Relative shard (and index) paths in a manifest resolve against that manifest's location; absolute
-paths and URLs are used as they are. `load_manifest` adds ``url`` (and ``index_url`` where the
-shard has an index) to each shard entry.
+A manifest is data: shards are shared between teams and copied from buckets. Its shard and index
+entries must be plain relative names below the manifest's own location (`medscale.files.
+unsafe_relative_name`): a ``pipe:`` command, a URL, an absolute path or a ``..`` component is refused
+(`UnsafeManifestEntry`) before anything is opened. URLs and ``pipe:`` stay allowed where the user
+writes them, in ``data.shards``. `load_manifest` adds ``url`` (and ``index_url`` where the shard has
+an index) to each shard entry.
 """
 
 from __future__ import annotations
@@ -47,14 +50,15 @@ from urllib.parse import urlparse
 import braceexpand
 
 from medscale.errors import InputError, InputNotFound
-from medscale.files import atomic_write
+from medscale.files import atomic_write, unsafe_relative_name
 from medscale.formats.sample import UNLABELED
 
 # webdataset's package namespace exports the gopen *function*; the module holds the scheme table.
 wds_gopen = importlib.import_module("webdataset.gopen")
 
-__all__ = ["MANIFEST_VERSION", "load_manifest", "build_manifest", "write_manifest", "merge_manifests",
-           "has_labels", "task_of", "check_version", "join_url", "is_local", "is_remote", "local_path", "open_url"]
+__all__ = ["UnsafeManifestEntry", "MANIFEST_VERSION", "load_manifest", "build_manifest", "write_manifest",
+           "merge_manifests", "has_labels", "task_of", "check_version", "check_entries", "join_url", "is_local",
+           "is_remote", "local_path", "open_url"]
 
 log = logging.getLogger("medscale.formats")
 
@@ -63,6 +67,10 @@ MANIFEST_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 PREP_LOG_SUFFIX = ".logs"
 """Prep's log directory, OUT + this suffix beside OUT (it names source files, so never inside it)."""
+
+
+class UnsafeManifestEntry(InputError):
+    """A manifest entry that names a command, a URL or a path outside the manifest's directory."""
 
 
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
@@ -91,9 +99,15 @@ def local_path(url: str) -> str:
 
 
 def join_url(root: str, name: str) -> str:
-    """The location of ``name`` (a manifest-relative path) under ``root``."""
-    if is_remote(name) or name.startswith("/"):
-        return name
+    """The location of ``name`` (a manifest-relative path) under ``root``.
+
+    Raises:
+        UnsafeManifestEntry: ``name`` is not a plain relative name (`unsafe_relative_name`): a name
+            read from data never becomes a command, a URL or a path outside ``root``.
+    """
+    why = unsafe_relative_name(name)
+    if why is not None:
+        raise UnsafeManifestEntry(f"{name!r} under {root!r} is refused: {why}")
     if root.startswith("pipe:") and "{}" in root:
         return root.replace("{}", name)
     if root.endswith("manifest.json"):
@@ -149,13 +163,33 @@ def _read_one(root: str) -> dict[str, Any]:
         raise InputError(f"{url} has no 'shards' list; is it a `medscale prep` manifest?")
     check_version(manifest, url)
     for s in manifest["shards"]:
+        if not isinstance(s, dict):
+            raise InputError(f"{url}: a shard entry is not an object: {s!r}")
         for k in ("path", "split", "samples"):
             if k not in s:
                 raise InputError(f"{url}: a shard entry lacks {k!r}: {s}")
+        check_entries(s, url)
         s["url"] = join_url(root, s["path"])
         if s.get("index"):
             s["index_url"] = join_url(root, s["index"])
     return manifest
+
+
+def check_entries(shard: Mapping[str, Any], source: str) -> None:
+    """Refuse a shard entry whose ``path`` or ``index`` is not a plain relative name.
+
+    Raises:
+        UnsafeManifestEntry: naming ``source`` (the manifest or marker) and the entry.
+    """
+    for field in ("path", "index"):
+        if field == "index" and not shard.get("index"):
+            continue
+        why = unsafe_relative_name(shard.get(field))
+        if why is not None:
+            raise UnsafeManifestEntry(
+                f"{source}: shard {field} {shard.get(field)!r} is refused: {why}. Entries must be relative names "
+                "below the manifest's own directory; a manifest is data and never names a command, a URL or "
+                "another place (put URLs and pipe: commands in data.shards instead)")
 
 
 def _expand(root: str) -> list[str]:

@@ -230,12 +230,18 @@ def decode_index(data: bytes, source: str) -> ShardIndex:
     if not isinstance(version, int) or not 1 <= version <= INDEX_VERSION:
         raise ValueError(f"{source} is index version {version!r}; this medscale reads versions 1 to {INDEX_VERSION}")
     try:
+        size = int(doc["bytes"])
         samples: Index = []
         labels = []
         for s in doc["samples"]:
-            samples.append((str(s["key"]), {ext: (int(o), int(n)) for ext, (o, n) in s["members"].items()}))
+            members = {str(ext): (int(o), int(n)) for ext, (o, n) in s["members"].items()}
+            for ext, (o, n) in members.items():
+                # Offsets are data: a member outside the shard would make a reader seek or allocate anywhere.
+                if o < 0 or n < 0 or o + n > size:
+                    raise ValueError(f"member {ext!r} of {s['key']!r} at {o}+{n} lies outside the shard's {size} bytes")
+            samples.append((str(s["key"]), members))
             labels.append(s.get("label"))
-        return ShardIndex(int(doc["bytes"]), samples, labels)
+        return ShardIndex(size, samples, labels)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{source} has a malformed entry: {type(e).__name__}: {e}") from None
 

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from medscale.errors import ConfigError
 
-__all__ = ["PrepConfig"]
+__all__ = ["PrepConfig", "unsafe_split_name"]
+
+# A split names shard files (``{split}-{chunk}-{part}.tar``) and wids indexes (``{split}.wids.json``).
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def unsafe_split_name(name: object) -> str | None:
+    """Why `name` cannot be a split's name, or None: it becomes part of file names below ``--out``."""
+    if not isinstance(name, str) or not _SPLIT_NAME.fullmatch(name):
+        return "a split name is a letter or digit, then letters, digits, '_', '.' or '-'"
+    return None
 
 
 @dataclass
@@ -74,6 +85,10 @@ class PrepConfig:
     Blanking always covers every frame."""
 
     def __post_init__(self) -> None:
+        for name in self.splits:
+            why = unsafe_split_name(name)
+            if why is not None:
+                raise ConfigError(f"splits: {name!r} is refused: {why}")
         if not 0 <= self.ocr_min_confidence <= 100:
             raise ConfigError(f"ocr_min_confidence must be within 0-100, got {self.ocr_min_confidence}")
         if self.ocr_max_frames < 0:

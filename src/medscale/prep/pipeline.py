@@ -36,6 +36,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import struct
 import time
 from collections import Counter
@@ -53,7 +54,8 @@ from medscale.formats.codec import encode_pixels, extension_for
 from medscale.formats.manifest import PREP_LOG_SUFFIX, build_manifest, write_manifest
 from medscale.formats.sample import UNLABELED, encode_sample
 from medscale.formats.tar import DuplicateKey, ShardSequence
-from medscale.prep.config import PrepConfig
+from medscale.leash import die_with_parent
+from medscale.prep.config import PrepConfig, unsafe_split_name
 from medscale.prep.deid import Pseudonymizer, burned_in_text_reason, safe_metadata
 from medscale.prep.dicom import decode_dicom, read_dicom
 from medscale.prep.errors import RejectedInput
@@ -62,7 +64,7 @@ from medscale.prep.photos import load_photo
 from medscale.prep.redact import Redactor, require_ocr
 from medscale.prep.splits import patient_split, stratified_splits
 
-__all__ = ["PrepJob", "PrepIncomplete", "run_prep", "merge", "discover_inputs", "prepare_output", "PHOTO_SUFFIXES",
+__all__ = ["PrepJob", "PrepIncomplete", "PrepInputs", "check_prep", "run_prep", "merge", "discover_inputs", "prepare_output", "PHOTO_SUFFIXES",
            "default_log_dir"]
 
 log = logging.getLogger("medscale.prep")
@@ -286,8 +288,11 @@ _CTX: _Context | None = None
 _PROGRESS: Any = None
 
 
-def _init_worker(job: PrepJob, labels: LabelTable | None, splits: dict[str, str] | None, progress: Any) -> None:
+def _init_worker(job: PrepJob, labels: LabelTable | None, splits: dict[str, str] | None, progress: Any,
+                 parent: int | None = None) -> None:
     global _CTX, _PROGRESS
+    if parent is not None:  # a worker process: it dies with prep (SIGKILL included), mid-chunk or idle
+        die_with_parent(signal.SIGKILL, parent)
     _CTX, _PROGRESS = _Context(job, labels, splits), progress
 
 
@@ -523,10 +528,13 @@ def _file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def prepare_output(out: Path, *, resume: bool, overwrite: bool, log_dir: Path | None = None) -> None:
+def prepare_output(out: Path, *, resume: bool, overwrite: bool, log_dir: Path | None = None,
+                   dry_run: bool = False) -> None:
     """Refuse a non-empty output directory unless resuming or overwriting; check the log directory.
 
     The log directory (default `default_log_dir`) may not lie inside the output: it names sources.
+    Creates nothing (`run_prep` does, once its inputs are checked); ``overwrite`` deletes the output
+    and its reject logs, so check the job first (`check_prep`). `dry_run`: only the checks.
     """
     logs = Path(log_dir) if log_dir is not None else default_log_dir(out)
     if logs.resolve().is_relative_to(Path(out).resolve()):
@@ -534,26 +542,50 @@ def prepare_output(out: Path, *, resume: bool, overwrite: bool, log_dir: Path | 
                           "must stay out of the shard directory; choose a directory beside it")
     if out.exists() and any(out.iterdir()):
         if overwrite:
-            shutil.rmtree(out)
-            shutil.rmtree(logs / "rejects", ignore_errors=True)
+            if not dry_run:
+                shutil.rmtree(out)
+                shutil.rmtree(logs / "rejects", ignore_errors=True)
         elif not resume:
             raise ConfigError(
                 f"output directory {out} is not empty; pass --resume to continue an interrupted prep "
                 "or --overwrite to start again"
             )
-    (out / "chunks").mkdir(parents=True, exist_ok=True)
-    (logs / "rejects").mkdir(parents=True, exist_ok=True)
 
 
-def run_prep(job: PrepJob, *, progress: bool | None = None) -> dict[str, Any] | None:
-    """Run this task's share of the chunks; merge and return the manifest when it is the only task."""
-    # Read the CSV here first: a bad CSV fails before any worker starts.
+@dataclass
+class PrepInputs:
+    """What `check_prep` read and checked before anything is written: the labels, the stratified
+    assignment and the sorted inputs."""
+
+    labels: LabelTable | None
+    splits: dict[str, str] | None
+    sources: list[_Source]
+
+
+def check_prep(job: PrepJob) -> PrepInputs:
+    """Read and check everything a prep needs before it writes anything (a bad labels CSV, a missing
+    OCR engine, inputs that do not exist fail here, and ``--out`` stays as it was).
+
+    Raises:
+        InputError, InputNotFound, ConfigError: naming the file, key or value to fix.
+    """
     labels = load_labels(job.cfg, job.labels_csv) if job.labels_csv else None
     require_ocr(job.cfg)  # here, not in the workers: a missing Tesseract stops the run before it starts
     splits = _stratified_splits(job, labels)
     sources = discover_inputs(job.inputs, job.cfg.include)
     if not sources:
         raise InputNotFound(f"no input files found under {job.inputs} with patterns {job.cfg.include}")
+    return PrepInputs(labels, splits, sources)
+
+
+def run_prep(job: PrepJob, inputs: PrepInputs | None = None, *, progress: bool | None = None) -> dict[str, Any] | None:
+    """Run this task's share of the chunks; merge and return the manifest when it is the only task.
+
+    `inputs`: what `check_prep` returned (checked here when None). Nothing is written until the
+    inputs, the labels and, on a resume, the plan of the prep being continued are checked.
+    """
+    checked = inputs or check_prep(job)
+    labels, splits, sources = checked.labels, checked.splits, checked.sources
     plan = _plan(job, sources, labels)
     plan_path = job.out / "plan.json"
     if plan_path.exists():
@@ -564,7 +596,9 @@ def run_prep(job: PrepJob, *, progress: bool | None = None) -> dict[str, Any] | 
                     f"{plan_path} was written for different {_PLAN_CHECKS[k]}; resume only with the same "
                     "inputs, recipe, chunk size and key, or use --overwrite"
                 )
-    else:
+    (job.out / "chunks").mkdir(parents=True, exist_ok=True)
+    (job.logs / "rejects").mkdir(parents=True, exist_ok=True)
+    if not plan_path.exists():
         atomic_write(plan_path, json.dumps(plan, indent=1))
 
     chunks = [
@@ -609,7 +643,7 @@ def _run_chunks(job: PrepJob, labels: LabelTable | None, splits: dict[str, str] 
         # An executor rather than mp.Pool: a worker killed inside a C decoder (a codec that aborts
         # on a corrupt stream, the OOM killer) breaks the executor instead of hanging the run.
         with ProcessPoolExecutor(job.workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                                 initargs=(job, labels, splits, counter)) as pool:
+                                 initargs=(job, labels, splits, counter, os.getpid())) as pool:
             futures = [pool.submit(_process_chunk, c) for c in chunks]
             pending = set(futures)
             while pending:
@@ -633,12 +667,14 @@ def merge(out: Path, log_dir: Path | None = None) -> dict[str, Any]:
     out = Path(out)
     logs = Path(log_dir) if log_dir is not None else default_log_dir(out)
     plan = json.loads((out / "plan.json").read_text())
+    if not isinstance(plan.get("chunks"), int) or isinstance(plan["chunks"], bool) or plan["chunks"] < 0:
+        raise InputError(f"{out / 'plan.json'}: 'chunks' is {plan.get('chunks')!r}, not a count; prep again with --overwrite")
     results = []
     missing = []
     for i in range(plan["chunks"]):
         marker = out / "chunks" / f"{i:06d}.json"
         if marker.exists():
-            results.append(json.loads(marker.read_text()))
+            results.append(_read_marker(marker, i))
         else:
             missing.append(i)
     if missing:
@@ -716,6 +752,25 @@ def merge(out: Path, log_dir: Path | None = None) -> dict[str, Any]:
     reject_log.sort(key=lambda x: x["input"])
     atomic_write(logs / "rejects.jsonl", "".join(json.dumps(x) + "\n" for x in reject_log))
     return manifest
+
+
+def _read_marker(path: Path, index: int) -> dict[str, Any]:
+    """A chunk marker, checked before any of its names is used: markers are files on a shared disk,
+    and the shard and index names in them become paths below ``--out`` (never outside it)."""
+    from medscale.formats.manifest import check_entries
+
+    marker = json.loads(path.read_text())
+    shards = marker.get("shards") if isinstance(marker, dict) else None
+    if marker.get("index") != index or not isinstance(shards, list):
+        raise InputError(f"{path} is not the marker of chunk {index}; prep again with --overwrite")
+    for s in shards:
+        if not isinstance(s, dict):
+            raise InputError(f"{path}: a shard entry is not an object: {s!r}")
+        check_entries(s, str(path))
+        why = unsafe_split_name(s.get("split"))
+        if why is not None:
+            raise InputError(f"{path}: split {s.get('split')!r} is refused: {why}")
+    return marker
 
 
 def _keys_in_several_chunks(out: Path, results: list[dict[str, Any]]) -> int:

@@ -12,6 +12,12 @@ weights, never their 16-bit rounding:
 - bf16/fp16 with ZeRO-3: this rank's partition of the fp32 master (DeepSpeed's public
   ``safe_get_local_fp32_param``, also a view).
 
+Warm-up (timm's ``ModelEmaV3`` form, on by default through ``train.ema_warmup``): update ``t`` (from
+0) uses ``min(decay, 1 - (1 + t / gamma) ** -power)``, so the first update copies the weights and the
+decay grows with the steps taken (power 2/3, gamma 1: 0.954 at step 100, 0.99 at about 1,000, 0.999 at
+about 31,600), an average over roughly the last third of the steps until it reaches ``decay``. Without it, an evaluation after 2,000 steps at 0.9998 would score weights that are still
+0.9998^2000 = 67% the initial ones, and ``checkpoint.keep_best`` would rank such evaluations.
+
 Checkpoints hold the consolidated EMA (gathered once, on every rank), so it does not depend on the
 number of ranks: `load_state_dict` takes each rank's slice again. For evaluation, `applied()`
 swaps the EMA into the live model and restores the trained weights afterwards (the optimizer's
@@ -64,14 +70,20 @@ class ModelEma:
         model: the DeepSpeed engine or the plain module (parameters are read through ``.module``
             when present). Build it after ``deepspeed.initialize``: ZeRO-3 partitions then.
         decay: weight of the old average per update, e.g. 0.9998.
+        warmup_power: the warm-up's power (timm's default 2/3; 3/4 for shorter runs); None: no warm-up,
+            every update uses `decay`.
+        warmup_gamma: the warm-up's step scale (timm's default 1).
     """
 
-    def __init__(self, model: Any, decay: float):
+    def __init__(self, model: Any, decay: float, warmup_power: float | None = None, warmup_gamma: float = 1.0):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        if warmup_power is not None and (warmup_power <= 0 or warmup_gamma <= 0):
+            raise ValueError(f"EMA warm-up power and gamma must be > 0, got {warmup_power} and {warmup_gamma}")
         self.engine = model
         self.module: nn.Module = getattr(model, "module", model)
         self.decay = decay
+        self.warmup_power, self.warmup_gamma = warmup_power, warmup_gamma
         self.named = [(n, p) for n, p in self.module.named_parameters()]
         masters = [_master(p) for _, p in self.named]
         self.slices = [where for _, where in masters]  # None: the whole local tensor
@@ -85,11 +97,20 @@ class ModelEma:
             s.copy_(_master(p)[0])
         self.updates = 0
 
+    def current_decay(self) -> float:
+        """The decay the next update uses: `decay`, or less during the warm-up (0 for the first update)."""
+        if self.warmup_power is None:
+            return self.decay
+        t = self.updates
+        if t <= 0:
+            return 0.0
+        return min(self.decay, 1.0 - (1.0 + t / self.warmup_gamma) ** -self.warmup_power)
+
     @torch.no_grad()
     def update(self) -> None:
-        """Move the average towards the current weights: ema = decay * ema + (1 - decay) * w."""
+        """Move the average towards the current weights: ema = d * ema + (1 - d) * w, d = `current_decay`."""
         current = [_master(p)[0] for _, p in self.named]  # views: no copy
-        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())
         self.updates += 1
 
     # -- consolidation ------------------------------------------------------------------------------
@@ -115,12 +136,14 @@ class ModelEma:
         return torch.cat(parts)[: p.ds_numel].view(p.ds_shape).to(local.device)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"decay", "updates", "params": {name: fp32 tensor on CPU}}``, whole tensors, on every rank.
+        """``{"decay", "updates", "warmup_power", "warmup_gamma", "params": {name: fp32 tensor on CPU}}``,
+        whole tensors, on every rank. ``updates`` places a resumed warm-up where it stopped.
 
         This gathers one parameter at a time under ZeRO (fragments, partitions): every rank must call it.
         """
         params = {n: self._full(i).detach().cpu().clone() for i, (n, _) in enumerate(self.named)}
-        return {"decay": self.decay, "updates": self.updates, "params": params}
+        return {"decay": self.decay, "updates": self.updates, "warmup_power": self.warmup_power,
+                "warmup_gamma": self.warmup_gamma, "params": params}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from medscale.checkpoint.weights import preprocess_record, save_weights
 from medscale.config import RunConfig, save_config, to_dict
 from medscale.data.device import to_device
 from medscale.data.loader import ShardStream, make_loader
-from medscale.dist import DistInfo, barrier, init_distributed
+from medscale.dist import DistInfo, all_gather_objects, barrier, init_distributed
 from medscale.eval.evaluate import save_result
 from medscale.files import atomic_write
 from medscale.formats.manifest import load_manifest
@@ -26,6 +27,7 @@ from medscale.train.ema import ModelEma
 from medscale.train.engine import build_engine, input_dtype
 from medscale.train.numerics import NumericsGuard
 from medscale.train.preemption import EXIT_REQUEUE, STOPPED_FILE, StopRequest
+from medscale.train.runlock import HOLDER_ENV, RunLock, RunLocked
 from medscale.train.tasks import Task, build_task
 from medscale.train.throughput import Throughput, device_peak_tflops
 from medscale.logs import Progress
@@ -52,19 +54,26 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> dict[str, Any] | N
     metrics, or None when a stop signal ended the run early (after every rank saved the same
     checkpoint). `stop`: handlers installed earlier by the caller (else installed here)."""
     stop = stop or StopRequest(cfg.checkpoint.every_minutes).install()  # first: from now on a signal is a clean stop
+    manifest = load_manifest(cfg.data.shards)  # a manifest that is not plain data is refused before anything starts
     dist = init_distributed(cfg.dist.timeout_minutes)
     stop.world = dist.world
+    with _claim_run_dir(cfg, dist):  # one writer per run directory, from before its first write to the end
+        return _train(cfg, stop, dist, manifest)
+
+
+def _train(cfg: RunConfig, stop: StopRequest, dist: DistInfo, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """`train` in a run directory this run holds."""
     run_dir = _prepare_run_dir(cfg, dist)
     seed_everything(cfg.train.seed)  # same initial weights on every rank
 
-    manifest = load_manifest(cfg.data.shards)
     task = build_task(cfg, manifest)  # checks the shards against the objective before any work
     model = task.build_model()
     flops = task.flops_per_sample()  # forward FLOPs of one sample, for MFU
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, dist, last_step=cfg.train.steps, config=to_dict(cfg))
     plan = checkpointer.prepare_resume(cfg.train)  # another number of ranks: same global batch, universal checkpoint
     engine = build_engine(model, cfg, dist.world, overrides=plan.ds_overrides)
-    ema = ModelEma(engine, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    ema = (ModelEma(engine, cfg.train.ema_decay, cfg.train.ema_warmup_power if cfg.train.ema_warmup else None,
+                    cfg.train.ema_warmup_gamma) if cfg.train.ema_decay else None)
     guard = NumericsGuard(engine, cfg.train, dist.world)
     stream = _stream(cfg, manifest, cfg.data.train_split, dist, task, train=True,
                      accumulation=engine.gradient_accumulation_steps())
@@ -161,6 +170,36 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _claim_run_dir(cfg: RunConfig, dist: DistInfo) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock (or checks that the launch that started it does, through
+    `HOLDER_ENV`); every rank learns whether it may go on, so all stop together when it may not.
+
+    Raises:
+        RunLocked: another process trains this run directory (on every rank).
+    """
+    lock = RunLock(cfg.out_dir)
+    refused = None
+    if dist.is_main:
+        held = os.environ.get(HOLDER_ENV)
+        try:
+            if held:
+                lock.adopt(held)
+            else:
+                lock.acquire()
+        except RunLocked as e:
+            refused = str(e)
+        except OSError as e:  # a read-only or missing file system: every rank must hear of it, not wait
+            refused = f"cannot lock run directory {cfg.out_dir}: {e.strerror or e}"
+    refused = all_gather_objects(refused)[0]
+    if refused is not None:
+        raise RunLocked(refused)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _prepare_run_dir(cfg: RunConfig, dist: DistInfo) -> Path:

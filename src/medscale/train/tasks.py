@@ -18,6 +18,7 @@ from torch import nn
 from medscale.config import ConfigError, RunConfig
 from medscale.data.loader import ShardStream
 from medscale.formats.manifest import has_labels
+from medscale.logs import metric_fields
 
 __all__ = ["Task", "ClassificationTask", "MaeTask", "TASKS", "register_task", "build_task"]
 
@@ -114,8 +115,8 @@ class ClassificationTask:
         from medscale.eval.evaluate import evaluate
 
         result = evaluate(model, stream, self.cfg.eval, dtype, device, seed=self.cfg.train.seed)
-        log.info("eval %s: auroc %s  accuracy %.4f  n=%d", stream.split, result.get("auroc"), result["accuracy"],
-                 result["n_samples"])
+        log.info("eval %s: %s", stream.split, metric_fields(auroc=result.get("auroc"), auprc=result.get("auprc"),
+                                                             accuracy=result["accuracy"], n=result["n_samples"]))
         return result
 
     def flops_per_sample(self) -> float | None:
@@ -156,8 +157,9 @@ class MaeTask:
     def evaluate(self, model: Any, stream: ShardStream, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
         result = evaluate_reconstruction(model, stream, dtype, device, samples=self.cfg.mae.samples)
         result["mask_ratio"] = self.cfg.mae.mask_ratio
-        log.info("eval %s: reconstruction loss %.4f (masked patches, %s)  n=%d", stream.split, result["loss"],
-                 "per-patch normalised pixels" if self.cfg.mae.norm_pix_loss else "pixels", result["n_samples"])
+        log.info("eval %s: %s  (reconstruction of masked patches, %s)", stream.split,
+                 metric_fields(loss=result["loss"], n=result["n_samples"]),
+                 "per-patch normalised pixels" if self.cfg.mae.norm_pix_loss else "pixels")
         return result
 
     def flops_per_sample(self) -> float | None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 from medscale.config import LoggingConfig
+from medscale.errors import InputError
 from medscale.files import atomic_write
 
 __all__ = ["Tracker", "WANDB_ID_FILE", "METRICS_FILE"]
@@ -23,6 +25,7 @@ __all__ = ["Tracker", "WANDB_ID_FILE", "METRICS_FILE"]
 log = logging.getLogger("medscale")
 
 WANDB_ID_FILE = "wandb_id"
+_WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """File in the run directory holding the W&B run id."""
 WANDB_INIT_TIMEOUT_S = 90.0
 """wandb.init waits no longer than this for W&B's servers; then the run logs offline."""
@@ -110,6 +113,10 @@ class Tracker:
         # One id for every start, chosen here (not by wandb) so that it is in RUN_DIR before the first
         # step: offline fragments of one run then share it.
         run_id = self.wandb_id or file_id or os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
+        if not _WANDB_ID.fullmatch(run_id):
+            # The id names W&B's run folder: one read from a file or a checkpoint must not name a path.
+            raise InputError(f"W&B run id {run_id!r} (from the checkpoint, {id_file} or WANDB_RUN_ID) is not "
+                             "letters, digits, '_' and '-'; delete that file or unset WANDB_RUN_ID")
         mode = None if os.environ.get("WANDB_MODE") else _mode_without_setting()
         wandb_dir = os.environ.get("WANDB_DIR") or str(self.run_dir)
         # Arguments to wandb.init override W&B's environment variables, so pass only what the
