@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 
 def _args() -> argparse.Namespace:
@@ -63,7 +62,7 @@ def _bytes(path: Path) -> int:
 def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
-    return dict(env, OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(ROOT / "src"))
+    return dict(env, OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
 
 
 # The child reports its own peak resident set (VmHWM): the ru_maxrss that wait4 gives a parent counts

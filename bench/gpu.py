@@ -33,7 +33,7 @@ with ``bash bench/gpu_wheels.sh``, then run ``bash bench/gpu_device.sh`` there (
 with ``pip install --no-index --no-deps`` and runs this script). By hand::
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site bench/wheels/*.whl
-    PYTHONPATH=/tmp/site python3 bench/gpu.py            # about 5.5 minutes on an H100/H200
+    PYTHONPATH=/tmp/site:src python3 bench/gpu.py        # about 5.5 minutes on an H100/H200
 
 ``python bench/gpu.py --smoke`` runs every path at tiny size on the CPU (test_vit3 at 32 px,
 bf16 and fp32; fp16 is skipped there; compile rows with the aot_eager backend, since inductor's
@@ -61,7 +61,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 # What this script imports beyond the standard library, by import name. The GPU machine has torch,
 # timm, numpy, yaml, tabulate; bench/gpu_wheels.sh carries the rest.
@@ -331,7 +330,7 @@ def run_medscale(spec: Spec, sz: Sizes, batch: int, steps: int, ctx: dict[str, A
     from medscale.train.engine import build_engine, input_dtype, resolve_ds_config
     from medscale.train.loop import train_step
     from medscale.train.numerics import NumericsGuard
-    from medscale.train.tasks import build_task
+    from medscale.tasks.base import build_task
 
     t = time.perf_counter()
     cfg = run_config(spec, sz, batch, shards=ctx.get("shards", ""), workers=ctx["workers"])
@@ -434,7 +433,9 @@ def make_shards(tmp: Path, images: int, px: int, copies: int, workers: int) -> s
     from medscale.config import load_config
     from medscale.demo import write_synthetic_corpus
     from medscale.prep.config import PrepConfig
-    from medscale.prep.pipeline import PrepJob, prepare_output, run_prep
+    from medscale.prep.job import PrepJob
+    from medscale.prep.pipeline import run_prep
+    from medscale.prep.plan import prepare_output
     from medscale.resources import resolve_resource
 
     per_patient = 8

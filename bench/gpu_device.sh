@@ -25,7 +25,7 @@ fi
 # --no-index --no-deps: nothing can be fetched there, and the set is complete (gpu_wheels.sh checked it).
 # --target + PYTHONPATH: the machine's own torch stays untouched; the carried wheels come first.
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}  # medscale from this checkout: nothing installs it there
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions  # DeepSpeed's JIT ops, if any, build here
 

@@ -18,7 +18,7 @@
 # Usage (here):   bash bench/gpu_wheels.sh            # about 30 s; prints the set and its size
 # Then there:     bash bench/gpu_device.sh            # installs them and runs bench/gpu.py
 # (by hand there: python3 -m pip install --no-index --no-deps --target /tmp/site bench/wheels/*.whl;
-#  PYTHONPATH=/tmp/site python3 bench/gpu.py). The device tool carries bench/wheels when a run
+#  PYTHONPATH=/tmp/site:src python3 bench/gpu.py). The device tool carries bench/wheels when a run
 # names it in `carry` (64 MiB at most with the working tree).
 set -euo pipefail
 

@@ -50,16 +50,14 @@ import numpy as np
 import pydicom
 import torch
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from medscale.formats.codec import encode_pixels, extension_for
 from medscale.config import DataConfig
-from medscale.prep.config import PrepConfig
 from medscale.data.device import to_device
 from medscale.data.loader import ShardStream, decode_sample, make_loader
 from medscale.data.order import EpochOrder, train_batch_ids
 from medscale.data.reader import ShardReader
 from medscale.data.transforms import SampleTransform
+from medscale.synthetic import prep_bench_dicoms, write_bench_dicoms
 
 warnings.filterwarnings("ignore")
 WINDOWS = [[40.0, 400.0], [50.0, 150.0], [600.0, 2800.0]]  # soft tissue, brain, bone
@@ -72,66 +70,6 @@ def data_config(workers: int, transforms_on: str = "cpu") -> DataConfig:
 
 
 # -- inputs ------------------------------------------------------------------------------------------
-
-
-def make_dicoms(folder: Path, n: int) -> None:
-    src = pydicom.dcmread(pydicom.data.get_testdata_file("693_J2KI.dcm", download=False))
-    stored = src.pixel_array.astype(np.int16)  # decoded once, here, with the JPEG 2000 plugin
-    src.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    src.BurnedInAnnotation = "NO"
-    src.BitsStored, src.HighBit = 16, 15
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    with open(folder / "labels.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["filename", "label"])
-        for i in range(n):
-            dy, dx = rng.integers(-16, 17, 2)
-            img = np.roll(stored, (int(dy), int(dx)), axis=(0, 1)) + rng.integers(-3, 4, stored.shape).astype(np.int16)
-            src.PixelData = img.astype(np.int16).tobytes()
-            src.SOPInstanceUID = src.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            src.PatientID = f"BENCH{i // 8:05d}"
-            src.save_as(folder / f"{i:05d}.dcm", enforce_file_format=True)
-            w.writerow([f"{i:05d}.dcm", "lesion" if i % 5 == 0 else "normal"])
-
-
-def prep_shards(folder: Path, out: Path) -> str:
-    """Shards of the DICOMs: through `medscale prep` when it can run here, else written directly."""
-    try:
-        from medscale.prep.pipeline import PrepJob, prepare_output, run_prep
-    except ImportError as e:
-        return write_shards_directly(folder, out, f"prep not importable ({e})")
-    cfg = PrepConfig(label_key="filename", key_column="filename", label_column="label", classes=["normal", "lesion"],
-                     splits={"train": 1.0}, shard_bytes=16_000_000)
-    prepare_output(out, resume=False, overwrite=True)
-    job = PrepJob(inputs=[str(folder)], out=out, cfg=cfg, key=bytes(range(32)), labels_csv=str(folder / "labels.csv"),
-                  workers=1, chunk_files=10_000)
-    run_prep(job, progress=False)
-    return "medscale.prep"
-
-
-def write_shards_directly(folder: Path, out: Path, why: str) -> str:
-    import webdataset as wds
-
-    out.mkdir(parents=True)
-    labels = {r["filename"]: r["label"] for r in csv.DictReader(open(folder / "labels.csv"))}
-    files = sorted(folder.glob("*.dcm"))
-    shards, per = [], 128
-    for s in range(0, len(files), per):
-        name = f"train-{s // per:06d}-00.tar"
-        with wds.TarWriter(str(out / name), encoder=False) as w:
-            for f in files[s:s + per]:
-                ds = pydicom.dcmread(f)
-                hu = np.rint(apply_modality_lut(ds.pixel_array, ds)).astype(np.int16)
-                data, pix = encode_pixels(hu, "zstd", 3)
-                meta = {"pixels": pix, "label": int(labels[f.name] == "lesion"), "patient": ds.PatientID,
-                        "photometric": ds.PhotometricInterpretation, "source": "dicom"}
-                w.write({"__key__": f.stem, "json": json.dumps(meta).encode(), extension_for("zstd"): data})
-        shards.append({"path": name, "split": "train", "samples": len(files[s:s + per]),
-                       "bytes": (out / name).stat().st_size})
-    (out / "manifest.json").write_text(json.dumps({"task": "multiclass", "classes": ["normal", "lesion"],
-                                                   "shards": shards}))
-    return f"codec + TarWriter ({why})"
 
 
 # -- measurements ----------------------------------------------------------------------------------
@@ -272,8 +210,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder, out = Path(tmp) / "dicom", Path(tmp) / "shards"
         t = time.perf_counter()
-        make_dicoms(folder, args.images)
-        shards_by = prep_shards(folder, out)
+        write_bench_dicoms(folder, args.images)
+        shards_by = prep_bench_dicoms(folder, out)
         setup_s = time.perf_counter() - t
         print(f"inputs: {args.images} DICOMs, shards by {shards_by}, {setup_s:.1f} s")
 

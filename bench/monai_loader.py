@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -52,14 +51,6 @@ warnings.filterwarnings("ignore")
 WINDOW = (40.0, 400.0)  # soft tissue [center, width] in HU
 SIZE = 224
 HERE = Path(__file__).resolve().parent
-
-
-def load_loader_bench() -> Any:
-    """bench/loader.py as a module (it is a script, not a package member)."""
-    spec = importlib.util.spec_from_file_location("medscale_bench_loader", HERE / "loader.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # -- the two pipelines --------------------------------------------------------------------------------
@@ -221,15 +212,17 @@ def main() -> None:
         print(json.dumps({"benchmark": "monai_loader", "skipped": "monai not installed"}))
         return
     workers = sorted({1, *(int(w) for w in args.workers.split(","))})
-    lb = load_loader_bench()
-    mb = lb.MB
+    from medscale.config import TrainConfig
+    from medscale.synthetic import prep_bench_dicoms, write_bench_dicoms
+
+    mb = TrainConfig().micro_batch_size  # the default micro-batch, as bench/loader.py measures
     torch.set_num_threads(1)  # as in a DataLoader worker; the 0-worker runs are one thread on both sides
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         folder, shards = Path(tmp) / "dicom", Path(tmp) / "shards"
         t = time.perf_counter()
-        lb.make_dicoms(folder, args.images)
-        shards_by = lb.prep_shards(folder, shards)
+        write_bench_dicoms(folder, args.images)
+        shards_by = prep_bench_dicoms(folder, shards)
         print(f"inputs: {args.images} 512x512 DICOMs, shards by {shards_by}, {time.perf_counter() - t:.1f} s (not timed)")
         items = monai_items(folder)
         sides: dict[str, Callable[[int], Callable[[], Iterable[dict[str, Any]]]]] = {

@@ -18,13 +18,14 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medscale.config import load_config
 from medscale.prep.config import PrepConfig
-from medscale.prep.pipeline import PrepJob, prepare_output, run_prep
+from medscale.prep.job import PrepJob
+from medscale.prep.pipeline import run_prep
+from medscale.prep.plan import prepare_output
 
 warnings.filterwarnings("ignore")
 KEY = bytes(range(32))

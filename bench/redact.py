@@ -28,17 +28,18 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from medscale.prep.config import PrepConfig  # noqa: E402
-from medscale.prep.redact import Redactor, blank, ocr_findings, parse_rules  # noqa: E402
+from medscale.prep.ocr import ocr_findings  # noqa: E402
+from medscale.prep.redact import Redactor  # noqa: E402
+from medscale.prep.redact_rules import parse_rules  # noqa: E402
+from medscale.prep.regions import blank  # noqa: E402
 
 ROWS, COLS = 600, 800
 REGION = (80, 70, 719, 579)  # RegionLocation MinX0, MinY0, MaxX1, MaxY1

@@ -65,14 +65,12 @@ import math
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 # key: (timm name, forward GMACs per 224 px image from timm's model cards, default per-GPU micro-batch)
 MODELS: dict[str, tuple[str, float, int]] = {

@@ -24,18 +24,15 @@ import datetime
 import json
 import platform
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "slurm"))
+from medscale.synthetic import write_tiny_shards
+from medscale.testing.slurm import missing_slurm, start_cluster, stop_cluster, wait_for
+from medscale.train.tracking import read_metrics
 
-from conftest import write_shards  # noqa: E402
-from conftest import last_step  # noqa: E402
-from slurmkit import missing_slurm, start_cluster, stop_cluster, wait_for  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LINE = re.compile(r"medscale-slurm: (\S+ \S+) job \d+ restart (\d+): (.*)")
 STEP = re.compile(r"(\S+ \S+),(\d+) \[rank0\] INFO medscale.train: step \d+/")
@@ -62,7 +59,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="medscale-bench-slurm-"))
     cluster = start_cluster(tmp / "cluster", cpus=2)
     try:
-        write_shards(tmp / "shards", {"train": [20, 20, 8], "val": [6], "test": [12]}, size=16)
+        write_tiny_shards(tmp / "shards", {"train": [20, 20, 8], "val": [6], "test": [12]}, size=16)
         config = {
             "out_dir": str(tmp / "run"),
             "data": {"shards": str(tmp / "shards"), "image_size": 16, "channels": 1, "num_workers": 1},
@@ -76,7 +73,8 @@ def main() -> None:
         log = tmp / "job.log"
         job = cluster.sbatch("-N", "1", "-n", "2", "-o", log, ROOT / "slurm" / "train.sbatch", tmp / "run.yaml",
                              cwd=tmp)
-        wait_for(lambda: last_step(tmp / "run") >= 20, 300, "the first steps")
+        wait_for(lambda: max((r["step"] for r in read_metrics(tmp / "run")[0] if "train/loss" in r), default=0) >= 20,
+                 300, "the first steps")
         warned = time.time()
         cluster.warn(job)
         info = cluster.wait_final(job, 600)

@@ -18,12 +18,10 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 
 def _args() -> argparse.Namespace:
@@ -49,7 +47,7 @@ def main() -> None:
     from medscale.dist import init_distributed
     from medscale.train.engine import build_engine, input_dtype, resolve_ds_config
     from medscale.train.numerics import NumericsGuard
-    from medscale.train.tasks import build_task
+    from medscale.tasks.base import build_task
     from medscale.models import create_model
     from medscale.train.throughput import Throughput
     from medscale.train.loop import train_step

@@ -9,42 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from medscale.formats.codec import encode_pixels, extension_for
-from medscale.formats.manifest import MANIFEST_VERSION
-from medscale.formats.tar import ShardSequence
-
-NO_ROLLOVER = 1 << 62  # shard_bytes: one shard per count, whatever its size
+from medscale.synthetic import write_tiny_shards as write_shards  # noqa: F401 - every test's tiny shards
+from medscale.train.tracking import read_metrics
 
 
-def write_shards(root: Path, sizes: dict[str, list[int]], *, size: int = 16, classes=("normal", "lesion"),
-                 seed: int = 0) -> dict:
-    """Write shards with the given per-shard sample counts per split and a matching manifest.
-
-    Shards are written by prep's writer (`medscale.formats.tar.ShardSequence`), so each has its
-    member-offset index beside it, as prep's do.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    shards = []
-    n = 0
-    for split, counts in sizes.items():
-        for i, count in enumerate(counts):
-            seq = ShardSequence(root, split, i, NO_ROLLOVER)  # names it f"{split}-{i:06d}-00.tar"
-            for _ in range(count):
-                pixels = rng.integers(-1000, 1000, (size, size)).astype(np.int16)
-                data, info = encode_pixels(pixels, "zstd")
-                label = int(rng.integers(len(classes)))
-                meta = {"pixels": info, "label": label, "patient": f"p{n // 3}", "split": split}
-                seq.add(f"s{n:06d}", {"json": json.dumps(meta).encode(), extension_for("zstd"): data}, label)
-                n += 1
-            shards += seq.close()  # path, split, samples, bytes, sha256, label_counts ({}), index
-    manifest = {"version": MANIFEST_VERSION, "task": "multiclass", "classes": list(classes), "shards": shards,
-                "splits": {s: {"samples": sum(c)} for s, c in sizes.items()}}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return manifest
 
 
 @pytest.fixture
@@ -99,6 +69,48 @@ def read_wandb_runs(wandb_dir: Path) -> list[dict[str, Any]]:
     return runs
 
 
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SHARDS = {"train": [20, 20, 8], "val": [6], "test": [12]}
+"""48 training samples in three shards of unequal size, 6 to evaluate during training, 12 to test."""
+TINY_RUN: dict[str, Any] = {
+    "data": {"image_size": 16, "channels": 1, "num_workers": 1, "shuffle_block": 16},
+    "model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},
+    "train": {"micro_batch_size": 4, "warmup_steps": 1, "log_every": 1, "precision": "fp32"},
+    "dist": {"deepspeed_config": "cpu_zero2.json"},
+    "eval": {"micro_batch_size": 4, "bootstrap": 0},
+}
+"""The distributed tests' run: a 2-block ViT at 16 px on one channel, fp32, ZeRO-2 on the CPU; a test
+merges in only what its case is about (`tiny_run`)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """`TINY_SHARDS` written once a session (the tests read them, never write them)."""
+    root = tmp_path_factory.mktemp("tiny") / "shards"
+    write_shards(root, TINY_SHARDS, size=16)
+    return root
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def tiny_run(path: Path, shards: Path, **sections: Any) -> Path:
+    """Write `TINY_RUN` reading `shards`, with `sections` merged over it (``train={"steps": 6}``,
+    ``out_dir=...``), as YAML at `path`; a DeepSpeed config given by file name is one of ds_configs/."""
+    import yaml
+
+    config = _merged(_merged(TINY_RUN, {"data": {"shards": str(shards)}}), sections)
+    ds = config["dist"]["deepspeed_config"]
+    if "/" not in ds:
+        config["dist"]["deepspeed_config"] = str(ROOT / "ds_configs" / ds)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def simulate_kill_after(out: Path, step: int) -> None:
     """Leave a finished run as a kill after `step` would: later checkpoints gone (one torn: DeepSpeed's
     files written, the completion marker not), no final files, metrics rows up to `step` only."""
@@ -119,15 +131,7 @@ def simulate_kill_after(out: Path, step: int) -> None:
 
 def metric_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of RUN_DIR/metrics.jsonl so far (a line still being written is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line being written
-    return rows
+    return read_metrics(run_dir)[0]
 
 
 def last_step(run_dir: Path) -> int:

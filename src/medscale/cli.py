@@ -40,7 +40,10 @@ def _split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def cmd_prep(args: argparse.Namespace) -> int:
     from medscale.prep.deid import load_pseudonym_key
-    from medscale.prep.pipeline import PrepJob, check_prep, merge, prepare_output, run_prep
+    from medscale.prep.job import PrepJob
+    from medscale.prep.merge import merge
+    from medscale.prep.pipeline import check_prep, run_prep
+    from medscale.prep.plan import prepare_output
     from medscale.report.console import print_manifest_summary
 
     if args.debug:
@@ -103,26 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key in args.get:  # for batch scripts: the resolved value of a key, one per line
             print(_resolved(cfg, key))
         return 0
-    from medscale.dist import launched
-    from medscale.formats.manifest import load_manifest
+    from medscale.commands import train
 
-    if not launched():
-        load_manifest(cfg.data.shards)  # a bad manifest: one line here, before any rank or engine starts
-    if not launched() and cfg.dist.nproc > 1:
-        from medscale.train.launch import relaunch
-
-        return relaunch(cfg, ["train"])
-    from medscale.train.preemption import StopRequest
-
-    # Before torch and DeepSpeed are imported (seconds): a warning signal that arrives while this rank
-    # starts up is then a clean stop at the first step, not death by the signal's default action.
-    stop = StopRequest(cfg.checkpoint.every_minutes).install()
-    from medscale.dist import shutdown
-    from medscale.train.loop import run
-
-    code = run(cfg, stop)
-    shutdown()  # before interpreter exit, or gloo may abort a rank that has finished (see shutdown)
-    return code
+    return train(cfg)
 
 
 def _resolved(cfg: RunConfig, key: str) -> str:
@@ -141,28 +127,27 @@ def _resolved(cfg: RunConfig, key: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from medscale.dist import shutdown
-    from medscale.eval.evaluate import run_eval
+    from medscale.commands import evaluate
     from medscale.report.console import print_eval
 
-    result, path = run_eval(args.run, args.overrides, split=args.split, output=args.output)
+    result, path = evaluate(args.run, args.overrides, split=args.split, output=args.output)
     if path is not None:  # rank 0
         print_eval(result, title=f"{result['split']} ({path})")
-    shutdown()
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from medscale.checkpoint.export import ONNX_TOLERANCE, OnnxParityError, export_run
+    from medscale.checkpoint.export import export_run
+    from medscale.checkpoint.onnx import ONNX_TOLERANCE, OnnxParityError
 
     try:
         r = export_run(args.run, args.out, checkpoint=args.checkpoint, use_ema=args.ema, onnx=args.onnx,
-                       encoder_only=args.encoder_only)
+                       part="encoder" if args.encoder_only else args.part)
     except OnnxParityError as e:  # not the user's input, yet one line says it all
         print(f"medscale export: error: {e}", file=sys.stderr)
         return 1
     origin = f"checkpoint {r.source['checkpoint']}" if r.source["checkpoint"] else r.source["file"]
-    part = " (encoder only: load it with model.weights= in a fine-tuning config)" if args.encoder_only else ""
+    part = f" ({r.source['part']} only: load it with model.weights= in a fine-tuning config)" if "part" in r.source else ""
     print(f"{r.weights}: {r.tensors} tensors, {r.bytes / 1e6:.1f} MB, {r.source['weights']} weights of {origin}{part}")
     print(f"{r.config}: timm architecture, arguments and preprocessing")
     if r.onnx is not None:
@@ -173,7 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from medscale.report import write_report
+    from medscale.report.html import write_report
 
     path = write_report(args.run, args.out)
     print(f"wrote {path}")
@@ -287,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--encoder-only", action="store_true",
                     help="an MAE pretraining run (train.objective=mae): write its ViT encoder alone, under the plain "
                     "timm model's key names, for model.weights= in a fine-tuning config")
+    px.add_argument("--part", help="a part of the model that the run's objective exports on its own (--encoder-only "
+                    "is --part encoder); default: the objective's own choice")
     px.set_defaults(func=cmd_export)
 
     pw = sub.add_parser("report", help="figures and one self-contained HTML page of a run",

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal, Sequence, TypeVar
 import yaml
 
 from medscale.errors import ConfigError
+from medscale.tasks.registry import DEFAULT_OBJECTIVE, task_class, task_names
 
 __all__ = [
     "ConfigError",
@@ -30,7 +31,6 @@ __all__ = [
     "EvalConfig",
     "LoggingConfig",
     "CheckpointConfig",
-    "MaeConfig",
     "RunConfig",
     "load_config",
     "apply_overrides",
@@ -134,12 +134,16 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation. The DeepSpeed JSON gets its batch sizes, clipping and precision from here."""
 
-    objective: Literal["classification", "mae"] = "classification"
-    """What the model learns (the task seam, `medscale.train.tasks`): classification of labeled images, or
-    mae: masked-autoencoder pretraining of the ViT encoder on the images alone (labels are not read; knobs
-    in the ``mae`` section)."""
-    task: Literal["multiclass", "multilabel"] = "multiclass"
-    """multiclass: softmax cross-entropy over one label; multilabel: sigmoid BCE per finding."""
+    _renamed: ClassVar[dict[str, str]] = {"task": "label_kind"}
+
+    objective: str = DEFAULT_OBJECTIVE
+    """What the model learns (`medscale.tasks`): ``classification`` of labeled images, ``mae``
+    (masked-autoencoder pretraining of the ViT encoder on the images alone; knobs in the ``mae``
+    section), an objective another installed package registers (entry-point group
+    ``medscale.objectives``), or any class as ``package.module:Class``."""
+    label_kind: Literal["multiclass", "multilabel"] = "multiclass"
+    """The labels' kind (classification): multiclass, softmax cross-entropy over one label; multilabel,
+    sigmoid BCE per finding. Formerly ``train.task``, still accepted with a warning."""
     steps: int = 100
     """Optimizer steps to train for."""
     micro_batch_size: int = 32
@@ -201,45 +205,6 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for model FLOPs utilisation; 0: a built-in table for known GPUs
     (MFU is null on CPU and unknown devices)."""
-
-
-@dataclass
-class MaeConfig:
-    """Masked-autoencoder pretraining (``train.objective=mae``): a timm ViT encoder that sees only the
-    visible patches, a small decoder that predicts the pixels of the masked ones."""
-
-    mask_ratio: float = 0.75
-    """Fraction of each image's patches that are masked (rounded to whole patches, the same count for
-    every sample); the Medical MAE recipe for chest X-rays used 0.90."""
-    decoder_dim: int = 128
-    """Width of the decoder's tokens."""
-    decoder_depth: int = 2
-    """Transformer blocks in the decoder."""
-    decoder_heads: int = 4
-    """Attention heads per decoder block (must divide decoder_dim)."""
-    decoder_mlp_ratio: float = 4.0
-    """Hidden width of the decoder's MLPs as a multiple of decoder_dim."""
-    norm_pix_loss: bool = True
-    """Predict each patch's pixels normalised by that patch's own mean and variance (the MAE paper's
-    better-performing target); false: the loader's intensities as they are."""
-    samples: int = 6
-    """Images drawn as original / masked / reconstruction in each evaluation's figure (0: none)."""
-
-    def __post_init__(self) -> None:
-        if not 0 < self.mask_ratio < 1:
-            raise ConfigError(f"mae.mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"mae.{key} must be >= 1, got {getattr(self, key)}")
-        if self.decoder_dim % 4:
-            raise ConfigError(f"mae.decoder_dim must be a multiple of 4 (2-D sine-cosine positions), "
-                              f"got {self.decoder_dim}")
-        if self.decoder_dim % self.decoder_heads:
-            raise ConfigError(f"mae.decoder_heads={self.decoder_heads} must divide mae.decoder_dim={self.decoder_dim}")
-        if self.decoder_mlp_ratio <= 0:
-            raise ConfigError(f"mae.decoder_mlp_ratio must be > 0, got {self.decoder_mlp_ratio}")
-        if self.samples < 0:
-            raise ConfigError(f"mae.samples must be >= 0, got {self.samples}")
 
 
 @dataclass
@@ -328,9 +293,17 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    mae: MaeConfig = field(default_factory=MaeConfig)
+    objective_config: Any = None
+    """The objective's own section (``Task.Config`` of `medscale.tasks.base`), written in YAML under the
+    section's key (``mae:``); None for an objective without one. Filled in from the objective's
+    defaults when not given."""
+
+    _OBJECTIVE_KEY: ClassVar[str] = "objective_config"
 
     def __post_init__(self) -> None:
+        owner = task_class(self.train.objective)  # an unknown objective fails here, naming the known ones
+        if self.objective_config is None and owner.Config is not None:
+            self.objective_config = owner.Config()
         if self.train.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
         for key in ("micro_batch_size", "grad_accum"):
@@ -371,8 +344,9 @@ class RunConfig:
             raise ConfigError(f"train.focal_gamma must be >= 0, got {t.focal_gamma}")
         if t.pos_weight and t.auto_pos_weight:
             raise ConfigError(f"train.pos_weight={t.pos_weight} and train.auto_pos_weight=true contradict; set one")
-        if (t.pos_weight or t.auto_pos_weight) and t.task != "multilabel":
-            raise ConfigError(f"train.pos_weight/auto_pos_weight apply to multilabel BCE, but train.task={t.task}")
+        if (t.pos_weight or t.auto_pos_weight) and t.label_kind != "multilabel":
+            raise ConfigError(f"train.pos_weight/auto_pos_weight apply to multilabel BCE, but "
+                              f"train.label_kind={t.label_kind}")
         if t.pos_weight and len(t.pos_weight) != self.model.num_classes:
             raise ConfigError(f"train.pos_weight has {len(t.pos_weight)} values but model.num_classes="
                               f"{self.model.num_classes}")
@@ -491,9 +465,14 @@ def _merge(cls: type[T], base: dict[str, Any], raw: Any, prefix: str, source: st
     if not isinstance(raw, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' ({source}) must be a mapping, got {raw!r}")
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    sections = getattr(cls, "_OBJECTIVE_KEY", None)  # RunConfig: other top-level keys may be an objective's section
+    names = [f.name for f in dataclasses.fields(cls) if f.name != sections]  # type: ignore[arg-type]
     renamed: dict[str, str] = getattr(cls, "_renamed", {})
     for key, value in raw.items():
+        if sections and key not in names:
+            # Typed once the objective is known (`_objective_section`): it may be set in a later source.
+            base.setdefault(_SECTIONS, []).append((str(key), value, source))
+            continue
         if key in renamed:
             new = renamed[key]
             if new in raw:
@@ -511,9 +490,70 @@ def _merge(cls: type[T], base: dict[str, Any], raw: Any, prefix: str, source: st
     return base
 
 
+_SECTIONS = "__objective_sections__"  # raw objective sections in a value dict: [(key, value, source), ...]
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain nested dicts/lists (for YAML, JSON, checkpoints, W&B)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain nested dicts/lists (for YAML, JSON, checkpoints, W&B); a run's objective
+    section sits under its own key (``mae:``), as it is written in YAML."""
+    out = dataclasses.asdict(cfg)
+    key = getattr(cfg, "_OBJECTIVE_KEY", None)
+    if key is not None:
+        section = out.pop(key)
+        if section is not None:
+                out[task_class(cfg.train.objective).config_section] = section
+    return out
+
+
+def _objective_section(cls: type, values: dict[str, Any]) -> Any:
+    """The run's objective section, typed by its objective's ``Config`` from the raw pieces `_merge`
+    kept, in the order they came; any other leftover key is an unknown key.
+
+    A section of another built-in objective that holds only its defaults is dropped: configs saved
+    by medscale 0.1 carry an ``mae`` section whatever the objective.
+    """
+    owner = task_class(values["train"]["objective"])
+    pieces = values.pop(_SECTIONS, [])
+    mine = owner.config_section
+    merged = to_dict(owner.Config()) if owner.Config is not None else None
+    known = [f.name for f in dataclasses.fields(cls) if f.name != cls._OBJECTIVE_KEY] + ([mine] if mine else [])
+    for key, value, source in pieces:
+        if key == mine and merged is not None:
+            merged = _merge(owner.Config, merged, value, f"{key}.", source)
+            continue
+        other = _other_objective_with_section(key)
+        if other is not None:
+            defaults = to_dict(other.Config())
+            if _merge(other.Config, dict(defaults), value, f"{key}.", source) == defaults:
+                continue  # an old saved config's untouched section of another objective
+            raise ConfigError(f"config section '{key}' ({source}) is for train.objective={other.name}, but this run's "
+                              f"objective is {values['train']['objective']}")
+        raise _unknown_key(key, "", known + _objective_sections(), source)
+    return _build(owner.Config, merged) if merged is not None else None
+
+
+def _objective_sections() -> list[str]:
+    """The config sections of every known objective (for an unknown key's suggestion)."""
+    out = []
+    for name in task_names():
+        try:
+            section = task_class(name).config_section
+        except ConfigError:
+            continue
+        if section:
+            out.append(section)
+    return out
+
+
+def _other_objective_with_section(key: str) -> Any:
+    for name in task_names():
+        try:
+            other = task_class(name)
+        except ConfigError:
+            continue  # a broken plugin is reported when it is the one asked for
+        if other.config_section == key and other.Config is not None:
+            return other
+    return None
 
 
 def from_dict(cls: type[T], raw: dict[str, Any], source: str = "dict") -> T:
@@ -524,9 +564,14 @@ def from_dict(cls: type[T], raw: dict[str, Any], source: str = "dict") -> T:
 def _build(cls: type[T], values: dict[str, Any]) -> T:
     hints = _hints(cls)
     kwargs = {}
+    sections = getattr(cls, "_OBJECTIVE_KEY", None)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name == sections:
+            continue
         tp = hints[f.name]
         kwargs[f.name] = _build(tp, values[f.name]) if dataclasses.is_dataclass(tp) else values[f.name]
+    if sections:
+        kwargs[sections] = _objective_section(cls, dict(values))
     try:
         return cls(**kwargs)
     except ConfigError:

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import FileDataset
+from pydicom.uid import generate_uid
+
+from medscale.synthetic import synthetic_dicom
 
 if TYPE_CHECKING:
     from medscale.config import RunConfig
@@ -62,34 +64,18 @@ def make_ct_slice(rng: np.random.Generator, size: int, lesion: bool, lesion_hu: 
 
 def _dataset(path: Path, hu: np.ndarray, patient: dict, study_uid: str, series_uid: str, sop_uid: str,
              instance: int, study_date: str) -> FileDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.PatientName, ds.PatientID = patient["name"], patient["id"]
-    ds.PatientBirthDate, ds.PatientSex, ds.PatientAge = patient["birth"], patient["sex"], patient["age"]
-    ds.InstitutionName = "Demo General Hospital"
-    ds.ReferringPhysicianName = "HOUSE^GREGORY"
-    ds.AccessionNumber = f"ACC{int(study_uid.replace('.', '')[-8:]):08d}"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
-    ds.StudyTime = "101500"
-    ds.StudyDescription = f"CT CHEST for {patient['name']}"
-    ds.Modality, ds.BodyPartExamined, ds.Manufacturer = "CT", "CHEST", "DemoScan"
-    ds.SeriesNumber, ds.InstanceNumber = 1, instance
-    ds.BurnedInAnnotation = "NO"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.Rows, ds.Columns = hu.shape
-    ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 5.0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     # Stored unsigned 12-bit with a -1024 intercept, as many scanners write CT.
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-    ds.WindowCenter, ds.WindowWidth = [40, -600], [400, 1500]
-    ds.PixelData = (hu.astype(np.int32) + 1024).astype(np.uint16).tobytes()
-    return ds
+    return synthetic_dicom(
+        (hu.astype(np.int32) + 1024).astype(np.uint16), path=path, sop_uid=sop_uid, bits_stored=12,
+        StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid,
+        PatientName=patient["name"], PatientID=patient["id"], PatientBirthDate=patient["birth"],
+        PatientSex=patient["sex"], PatientAge=patient["age"], InstitutionName="Demo General Hospital",
+        ReferringPhysicianName="HOUSE^GREGORY", AccessionNumber=f"ACC{int(study_uid.replace('.', '')[-8:]):08d}",
+        StudyDate=study_date, SeriesDate=study_date, ContentDate=study_date, StudyTime="101500",
+        StudyDescription=f"CT CHEST for {patient['name']}", BodyPartExamined="CHEST", Manufacturer="DemoScan",
+        SeriesNumber=1, InstanceNumber=instance, BurnedInAnnotation="NO", ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
+        PixelSpacing=[0.7, 0.7], SliceThickness=5.0, RescaleIntercept=-1024, RescaleSlope=1, RescaleType="HU",
+        WindowCenter=[40, -600], WindowWidth=[400, 1500])
 
 
 def write_synthetic_corpus(out: str | Path, *, patients: int = 100, images_per_patient: int = 5,
@@ -144,10 +130,11 @@ def run_demo(out: Path, config: str | None = None, overrides: Sequence[str] = ()
     from medscale.config import ConfigError, RunConfig, load_config
     from medscale.prep.config import PrepConfig
     from medscale.prep.deid import load_pseudonym_key
-    from medscale.prep.pipeline import PrepJob, prepare_output, run_prep
+    from medscale.prep.job import PrepJob
+    from medscale.prep.pipeline import run_prep
+    from medscale.prep.plan import prepare_output
     from medscale.report.console import print_eval, print_manifest_summary
     from medscale.resources import resolve_resource
-    from medscale.train.launch import relaunch
 
     for flag, value in (("--patients", patients), ("--images-per-patient", images_per_patient), ("--workers", workers)):
         if value < 1:
@@ -183,19 +170,13 @@ def run_demo(out: Path, config: str | None = None, overrides: Sequence[str] = ()
     times["prep_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if cfg.dist.nproc > 1:
-        rc = relaunch(cfg, ["train"])
-        if rc != 0:
-            print(f"medscale demo: training failed with exit code {rc}", file=sys.stderr)
-            return rc
-    else:
-        from medscale.train.loop import train
-
-        train(cfg)
+    rc = _train_run(cfg)
+    if rc != 0:
+        return rc
     times["train_eval_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    from medscale.report import write_report
+    from medscale.report.html import write_report
 
     report = write_report(out / "run")
     times["report_s"] = time.perf_counter() - t
@@ -281,7 +262,7 @@ def run_pretrain_demo(out: Path, overrides: Sequence[str] = (), patients: int = 
     from medscale.config import ConfigError, RunConfig, load_config
     from medscale.prep.config import PrepConfig
     from medscale.prep.deid import load_pseudonym_key
-    from medscale.report import write_report
+    from medscale.report.html import write_report
     from medscale.resources import resolve_resource
 
     for flag, value in (("--patients", patients), ("--images-per-patient", images_per_patient), ("--workers", workers)):
@@ -332,7 +313,7 @@ def run_pretrain_demo(out: Path, overrides: Sequence[str] = (), patients: int = 
     rc = _train_run(cfg_pre)
     if rc:
         return rc
-    export_run(out / "pretrain", out / "encoder", encoder_only=True)
+    export_run(out / "pretrain", out / "encoder", part="encoder")
     times["pretrain_s"] = time.perf_counter() - t
     results = {}
     for name, cfg in (("finetuned", cfg_ft), ("scratch", cfg_scratch)):
@@ -359,7 +340,7 @@ def run_pretrain_demo(out: Path, overrides: Sequence[str] = (), patients: int = 
         "labelled_fraction": labelled_fraction, "labelled_train_patients": kept.get("train", 0),
         "labelled_train_images": split["train"]["samples"],
         "pretrain_images": unlabeled["splits"]["train"]["samples"],
-        "pretrain_reconstruction_loss_test": pre["loss"], "mask_ratio": cfg_pre.mae.mask_ratio,
+        "pretrain_reconstruction_loss_test": pre["loss"], "mask_ratio": cfg_pre.objective_config.mask_ratio,
         "pretrain_steps": cfg_pre.train.steps, "finetune_steps": cfg_ft.train.steps, "ranks": cfg_ft.dist.nproc,
         "lesion_hu": list(SUBTLE_LESION_HU), "lesion_radius": list(SUBTLE_LESION_RADIUS),
         **times, "total_s": sum(times.values()),
@@ -368,7 +349,7 @@ def run_pretrain_demo(out: Path, overrides: Sequence[str] = (), patients: int = 
     fmt = lambda r: f"{r['auroc']:.3f}" + (f"  [{ci(r)[0]:.3f}, {ci(r)[1]:.3f}]" if ci(r) else "")  # noqa: E731
     print("\n=== medscale demo --pretrain ===")
     print(f"pretraining: {summary['pretrain_images']} unlabeled training images, {cfg_pre.train.steps} steps, mask "
-          f"{cfg_pre.mae.mask_ratio:.0%}; test reconstruction loss {pre['loss']:.4f}")
+          f"{cfg_pre.objective_config.mask_ratio:.0%}; test reconstruction loss {pre['loss']:.4f}")
     print(f"fine-tuning: {summary['labelled_train_images']} labelled images of {summary['labelled_train_patients']} "
           f"training patients ({labelled_fraction:.0%}), {cfg_ft.train.steps} steps each")
     print(tabulate([["MAE-pretrained, fine-tuned", fmt(ft)], ["from scratch", fmt(sc)]],
@@ -383,7 +364,9 @@ def run_pretrain_demo(out: Path, overrides: Sequence[str] = (), patients: int = 
 
 def _prep(shards: Path, inputs: list[Path], labels: Path | None, prep_cfg: "PrepConfig", key: bytes,
           workers: int) -> dict:
-    from medscale.prep.pipeline import PrepJob, prepare_output, run_prep
+    from medscale.prep.job import PrepJob
+    from medscale.prep.pipeline import run_prep
+    from medscale.prep.plan import prepare_output
 
     prepare_output(shards, resume=False, overwrite=True)
     files = sum(1 for i in inputs for _ in Path(i).rglob("*.dcm"))
@@ -395,15 +378,10 @@ def _prep(shards: Path, inputs: list[Path], labels: Path | None, prep_cfg: "Prep
 
 
 def _train_run(cfg: "RunConfig") -> int:
-    """Train one run: through the deepspeed launcher for dist.nproc > 1, else in this process."""
-    if cfg.dist.nproc > 1:
-        from medscale.train.launch import relaunch
+    """Train one run the way `medscale train` does (`medscale.commands.train`)."""
+    from medscale.commands import train
 
-        rc = relaunch(cfg, ["train"])
-        if rc != 0:
-            print(f"medscale demo: training {cfg.out_dir} failed with exit code {rc}", file=sys.stderr)
-        return rc
-    from medscale.train.loop import train
-
-    train(cfg)
-    return 0
+    rc = train(cfg)
+    if rc != 0:
+        print(f"medscale demo: training {cfg.out_dir} failed with exit code {rc}", file=sys.stderr)
+    return rc

@@ -182,9 +182,10 @@ def shutdown() -> None:
         return
     torch_dist.barrier()
     _CPU_GROUP = None
-    ds_comm = sys.modules.get("deepspeed.comm")
+    # deepspeed.comm.comm holds the live backend: the package re-exports `cdb` as it was at import (None).
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
     if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
-        ds_comm.destroy_process_group()
+        ds_comm.destroy_process_group()  # also drops the groups DeepSpeed caches, so a later start is clean
     else:
         torch_dist.destroy_process_group()
     gc.collect()

@@ -27,10 +27,12 @@ import threading
 import time
 from typing import Any, Sequence
 
+from medscale.signals import STOP_SIGNALS
+
 __all__ = ["popen_leashed", "die_with_parent", "main"]
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_FORWARDED = (*STOP_SIGNALS, signal.SIGHUP)
 _POLL_S = 0.2
 
 

@@ -85,7 +85,7 @@ def _rank_main(out: str, names: list[str]) -> None:
     from medscale.train.ema import ModelEma
     from medscale.train.engine import build_engine, resolve_ds_config
     from medscale.train.numerics import NumericsGuard
-    from medscale.train.tasks import build_task
+    from medscale.tasks.base import build_task
     from medscale.train.loop import train_step
 
     torch.set_num_threads(1)
@@ -99,7 +99,7 @@ def _rank_main(out: str, names: list[str]) -> None:
         engine = build_engine(_model(cfg), cfg, dist.world, ds)
         ema = ModelEma(engine, EMA_DECAY)
         guard = NumericsGuard(engine, cfg.train, dist.world)
-        task = build_task(cfg, {"task": cfg.train.task, "classes": [str(c) for c in range(cfg.model.num_classes)]})
+        task = build_task(cfg, {"task": cfg.train.label_kind, "classes": [str(c) for c in range(cfg.model.num_classes)]})
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         mb = cfg.train.micro_batch_size
         losses = []

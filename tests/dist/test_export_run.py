@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import subprocess_env, write_shards
+from conftest import subprocess_env, tiny_run, write_shards
 from medscale.checkpoint.export import export_run
 from medscale.dist import free_port
 
@@ -38,18 +37,10 @@ def shards(tmp_path_factory):
 def _train(tmp: Path, shards: Path, ds_config: str, precision: str) -> Path:
     """A finished 2-rank run with EMA (4 steps, checkpoints at 2 and 4)."""
     out = tmp / f"{Path(ds_config).stem}_{precision}"
-    config = {
-        "out_dir": str(out),
-        "data": {"shards": str(shards), "image_size": 16, "channels": 1, "num_workers": 0, "shuffle_block": 16},
-        "model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},
-        "train": {"steps": 4, "micro_batch_size": 4, "warmup_steps": 1, "lr": 1e-3, "log_every": 2,
-                  "precision": precision, "ema_decay": 0.6},
-        "dist": {"deepspeed_config": str(ROOT / "ds_configs" / ds_config)},
-        "eval": {"micro_batch_size": 4, "bootstrap": 20, "aggregate": "patient"},
-        "checkpoint": {"every_steps": 2, "keep": 2},
-    }
-    path = tmp / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = tiny_run(tmp / f"{out.name}.yaml", shards, out_dir=str(out), data={"num_workers": 0},
+                    train={"steps": 4, "lr": 1e-3, "log_every": 2, "precision": precision, "ema_decay": 0.6},
+                    dist={"deepspeed_config": ds_config}, eval={"bootstrap": 20, "aggregate": "patient"},
+                    checkpoint={"every_steps": 2, "keep": 2})
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "medscale.cli",
            "train", "--config", str(path)]
     r = subprocess.run(cmd, cwd=tmp, env=subprocess_env(), capture_output=True, text=True, timeout=300)
@@ -271,7 +262,8 @@ def test_zero12_fp32_export_reads_the_slice_map_bit_for_bit_like_zero_to_fp32(ze
     each group's partitions first) bit for bit, and so is model.safetensors."""
     import deepspeed.utils.zero_to_fp32 as zero_to_fp32
 
-    from medscale.checkpoint import export
+    from medscale.checkpoint import zero_weights
+    from medscale.checkpoint.safety import safe_load
 
     world, out = zero12_runs
     run, tag = out / variant, "step00000002"
@@ -284,20 +276,20 @@ def test_zero12_fp32_export_reads_the_slice_map_bit_for_bit_like_zero_to_fp32(ze
         raise AssertionError("ZeRO-1/2 went through get_fp32_state_dict_from_zero_checkpoint")
 
     monkeypatch.setattr(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint", refused)
-    states = export.safe_load(export._model_states_file(ckpt))
+    states = safe_load(zero_weights.model_states_file(ckpt))
     with caplog.at_level("WARNING", logger="medscale.checkpoint.export"):
-        masters = export._master_weights(run / "checkpoints", tag, ckpt, states)
+        masters = zero_weights.master_weights(run / "checkpoints", tag, ckpt, states)
     reordered = variant == "zero1_round_robin" and world == 2  # round robin over 1 rank keeps the order
     assert ("disagrees with the order of param_shapes" in caplog.text) == reordered
     buffers = set(states["buffer_names"])
     assert masters.keys() == want.keys() - buffers
-    assert all(isinstance(masters[k], export._Fragments) for group in states["param_shapes"] for k in group)
+    assert all(isinstance(masters[k], zero_weights._Fragments) for group in states["param_shapes"] for k in group)
     split = 0
     for name, lazy in masters.items():
         got = lazy.contiguous()
         assert got.dtype == want[name].dtype == torch.float32 and got.shape == want[name].shape, name
         assert torch.equal(got.view(torch.int32), want[name].view(torch.int32)), name  # the same bits
-        split += isinstance(lazy, export._Fragments) and len(lazy.pieces) > 1
+        split += isinstance(lazy, zero_weights._Fragments) and len(lazy.pieces) > 1
     assert split >= (world > 1)  # at 2 ranks a tensor is cut between the partitions
     if variant == "zero2_aligned_frozen":
         assert "pos_embed" in states["frozen_param_fragments"] and "pos_embed" in masters

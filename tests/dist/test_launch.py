@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from medscale.dist import free_port
-from conftest import subprocess_env, write_shards
+from conftest import subprocess_env, tiny_run, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -32,17 +31,8 @@ def job(tmp_path_factory):
     """Shards and a run config shared by every launcher."""
     tmp = tmp_path_factory.mktemp("launch")
     write_shards(tmp / "shards", {"train": [24, 20], "val": [6], "test": [11]}, size=16)
-    config = {
-        "data": {"shards": str(tmp / "shards"), "image_size": 16, "channels": 1, "num_workers": 1,
-                 "shuffle_block": 16},
-        "model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},
-        "train": {"steps": STEPS, "micro_batch_size": 4, "warmup_steps": 1, "log_every": 1, "precision": "bf16",
-                  "ema_decay": 0.5},
-        "dist": {"nproc": 2, "deepspeed_config": str(ROOT / "ds_configs" / "cpu_zero2.json")},
-        "eval": {"micro_batch_size": 4, "bootstrap": 10},
-    }
-    path = tmp / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = tiny_run(tmp / "run.yaml", tmp / "shards", train={"steps": STEPS, "precision": "bf16", "ema_decay": 0.5},
+                    dist={"nproc": 2}, eval={"bootstrap": 10})
     return tmp, path
 
 

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import last_step, losses, subprocess_env, write_shards
+from conftest import last_step, losses, subprocess_env, tiny_run, write_shards
 from medscale.dist import free_port
 
 pytestmark = pytest.mark.integration
@@ -49,19 +48,14 @@ def shards(tmp_path_factory):
 
 
 def _config(tmp: Path, shards: Path, **train) -> Path:
-    config = {
-        "data": {"shards": str(shards), "image_size": 32, "channels": 1, "num_workers": 1, "shuffle_block": 16},
-        "model": {"name": "test_vit3", "patch_size": 8},
-        "train": {"objective": "mae", "steps": STEPS, "micro_batch_size": 4, "warmup_steps": 2, "log_every": 1,
-                  "precision": "fp32", **train},
-        "mae": {"mask_ratio": 0.75, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "samples": 4},
-        "dist": {"deepspeed_config": str(ROOT / "ds_configs" / "cpu_zero2.json"), "master_port": free_port()},
-        "eval": {"micro_batch_size": 4, "every_steps": 10},
-        "checkpoint": {"every_steps": 4, "keep": 2},
-    }
-    path = tmp / f"run{len(list(tmp.glob('run*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    train = {"objective": "mae", "steps": STEPS, "warmup_steps": 2, **train}
+    # The mae section belongs to the mae objective: a fine-tuning config has none (it would be refused).
+    mae = {"mask_ratio": 0.75, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "samples": 4}
+    return tiny_run(tmp / f"run{len(list(tmp.glob('run*.yaml')))}.yaml", shards, data={"image_size": 32},
+                    model={"name": "test_vit3", "num_classes": 2}, train=train,
+                    **({"mae": mae} if train["objective"] == "mae" else {}),
+                    dist={"master_port": free_port()}, eval={"every_steps": 10, "bootstrap": 200},
+                    checkpoint={"every_steps": 4, "keep": 2})
 
 
 def _cmd(config: Path, out: Path, *extra: str) -> list[str]:

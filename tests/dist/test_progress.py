@@ -13,9 +13,8 @@ import termios
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import subprocess_env, write_shards
+from conftest import subprocess_env, tiny_run, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -23,15 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp_path: Path, name: str, shards: Path) -> list[str]:
-    config = {
-        "data": {"shards": str(shards), "image_size": 16, "channels": 1, "num_workers": 1, "shuffle_block": 8},
-        "model": {"name": "test_vit3", "patch_size": 8, "num_classes": 2},
-        "train": {"steps": 30, "micro_batch_size": 4, "warmup_steps": 1, "log_every": 10, "precision": "fp32"},
-        "dist": {"nproc": 1, "deepspeed_config": str(ROOT / "ds_configs" / "cpu_zero1.json")},
-        "eval": {"micro_batch_size": 4, "bootstrap": 0},
-        "out_dir": str(tmp_path / name),
-    }
-    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    tiny_run(tmp_path / f"{name}.yaml", shards, data={"shuffle_block": 8}, model={"name": "test_vit3"},
+             train={"steps": 30, "log_every": 10}, dist={"deepspeed_config": "cpu_zero1.json"},
+             out_dir=str(tmp_path / name))
     return [sys.executable, "-m", "medscale.cli", "train", "--config", str(tmp_path / f"{name}.yaml")]
 
 

@@ -34,12 +34,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
 
 from conftest import last_step as _last_step
 from conftest import losses as _losses
 from conftest import metric_rows as _rows
-from conftest import subprocess_env, write_shards
+from conftest import subprocess_env, tiny_run
 from medscale.dist import free_port
 
 pytestmark = pytest.mark.integration
@@ -51,27 +50,15 @@ EXIT_REQUEUE = 75
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("preempt") / "shards"
-    write_shards(root, {"train": [20, 20, 8], "val": [6], "test": [12]}, size=16)
-    return root
+def shards(tiny_shards):
+    return tiny_shards
 
 
 def _config(tmp: Path, shards: Path, port: bool = True, **checkpoint) -> Path:
-    config = {
-        "data": {"shards": str(shards), "image_size": 16, "channels": 1, "num_workers": 1, "shuffle_block": 16},
-        "model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},
-        "train": {"steps": STEPS, "micro_batch_size": 2, "warmup_steps": 2, "log_every": 1, "precision": "fp32",
-                  "ema_decay": 0.9},
-        "dist": {"deepspeed_config": str(ROOT / "ds_configs" / "cpu_zero2.json"), "master_port": free_port()},
-        "eval": {"micro_batch_size": 4, "bootstrap": 0},
-        "checkpoint": {"every_steps": 0, "keep": 2, **checkpoint},
-    }
-    if not port:  # medscale picks a free one
-        del config["dist"]["master_port"]
-    path = tmp / f"run{len(list(tmp.glob('run*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_run(tmp / f"run{len(list(tmp.glob('run*.yaml')))}.yaml", shards,
+                    train={"steps": STEPS, "micro_batch_size": 2, "warmup_steps": 2, "ema_decay": 0.9},
+                    dist={"master_port": free_port()} if port else {},  # without one medscale picks a free one
+                    checkpoint={"every_steps": 0, "keep": 2, **checkpoint})
 
 
 def _start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:

@@ -1,6 +1,6 @@
 """`medscale train` end to end in real processes: exact resume from the newest complete checkpoint
 (one process, and 2 ZeRO-3 ranks with EMA), non-finite losses skipped on the real engine, and
-`medscale eval` (run_eval) on a finished run.
+`medscale eval` (medscale.commands.evaluate) on a finished run.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from medscale.dist import free_port
-from conftest import simulate_kill_after, subprocess_env, write_shards
+from conftest import simulate_kill_after, subprocess_env, tiny_run
 
 pytestmark = pytest.mark.integration
 
@@ -27,25 +26,14 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train") / "shards"
-    write_shards(root, {"train": [20, 20, 8], "val": [6], "test": [12]}, size=16)
-    return root
+def shards(tiny_shards):
+    return tiny_shards
 
 
 def _config(tmp: Path, shards: Path, **train) -> Path:
-    config = {
-        "data": {"shards": str(shards), "image_size": 16, "channels": 1, "num_workers": 1, "shuffle_block": 16},
-        "model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},
-        "train": {"steps": 6, "micro_batch_size": 4, "warmup_steps": 2, "log_every": 1, "precision": "fp32",
-                  "ema_decay": 0.7, **train},
-        "dist": {"nproc": 1, "deepspeed_config": str(ROOT / "ds_configs" / "cpu_zero2.json")},
-        "eval": {"micro_batch_size": 4, "bootstrap": 10, "aggregate": "patient"},
-        "checkpoint": {"every_steps": 2, "keep": 3},
-    }
-    path = tmp / f"run{len(list(tmp.glob('run*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_run(tmp / f"run{len(list(tmp.glob('run*.yaml')))}.yaml", shards,
+                    train={"steps": 6, "warmup_steps": 2, "ema_decay": 0.7, **train},
+                    eval={"bootstrap": 10, "aggregate": "patient"}, checkpoint={"every_steps": 2, "keep": 3})
 
 
 def _train(config: Path, out: Path, *extra: str, launcher: list[str] | None = None) -> str:
@@ -87,7 +75,7 @@ def test_resume_continues_exactly(tmp_path, shards):
 
     # `medscale eval` on the finished run: the EMA weights, the same metrics as at the end of training
     out = tmp_path / "eval_test.json"
-    code = (f"from medscale.eval.evaluate import run_eval; run_eval({str(whole)!r}, output={str(out)!r})")
+    code = (f"from medscale.commands import evaluate; evaluate({str(whole)!r}, output={str(out)!r})")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads(out.read_text())
@@ -120,7 +108,7 @@ from medscale.config import RunConfig, from_dict
 from medscale.dist import init_distributed
 from medscale.train.engine import build_engine, resolve_ds_config
 from medscale.train.numerics import NumericsGuard
-from medscale.train.tasks import build_task
+from medscale.tasks.base import build_task
 from medscale.models import create_model
 from medscale.train.loop import train_step
 

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from medscale.dist import free_port
-from conftest import simulate_kill_after, subprocess_env, write_shards
+from conftest import simulate_kill_after, subprocess_env, tiny_run, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -264,18 +263,10 @@ def shards(tmp_path_factory):
 
 
 def _config(tmp: Path, shards: Path, stage: int) -> Path:
-    config = {
-        "data": {"shards": str(shards), "image_size": 16, "channels": 1, "num_workers": 1, "shuffle_block": 16},
-        "model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},
-        "train": {"steps": STEPS, "micro_batch_size": 4, "grad_accum": 1, "warmup_steps": 2, "log_every": 1,
-                  "precision": "fp32", "ema_decay": 0.7},
-        "dist": {"nproc": 1, "deepspeed_config": str(ROOT / "ds_configs" / f"cpu_zero{stage}.json")},
-        "eval": {"micro_batch_size": 4, "bootstrap": 10, "aggregate": "patient"},
-        "checkpoint": {"every_steps": 1, "keep": 5},
-    }
-    path = tmp / f"zero{stage}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_run(tmp / f"zero{stage}.yaml", shards,
+                    train={"steps": STEPS, "grad_accum": 1, "warmup_steps": 2, "ema_decay": 0.7},
+                    dist={"deepspeed_config": f"cpu_zero{stage}.json"}, eval={"bootstrap": 10, "aggregate": "patient"},
+                    checkpoint={"every_steps": 1, "keep": 5})
 
 
 def _train(config: Path, out: Path, ranks: int, keylog: Path) -> str:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import read_wandb_run, subprocess_env, write_shards
+from conftest import read_wandb_run, subprocess_env, tiny_run, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -67,19 +66,10 @@ def test_train_with_offline_wandb(tmp_path):
 
 
 def _run_config(tmp_path: Path, name: str, shards: Path, steps: int, **checkpoint) -> Path:
-    config = {
-        "data": {"shards": str(shards), "image_size": 16, "channels": 1, "num_workers": 1, "shuffle_block": 8},
-        "model": {"name": "test_vit3", "patch_size": 8, "num_classes": 2},
-        "train": {"steps": steps, "micro_batch_size": 4, "warmup_steps": 1, "log_every": 1, "precision": "fp32"},
-        "dist": {"nproc": 1, "deepspeed_config": str(ROOT / "ds_configs" / "cpu_zero1.json")},
-        "eval": {"micro_batch_size": 4, "bootstrap": 10},
-        "checkpoint": {"every_steps": 0, "keep": 2, **checkpoint},
-        "logging": {"wandb": True, "project": "medscale-test"},
-        "out_dir": str(tmp_path / name),
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_run(tmp_path / f"{name}.yaml", shards, data={"shuffle_block": 8}, model={"name": "test_vit3"},
+                    train={"steps": steps}, dist={"deepspeed_config": "cpu_zero1.json"}, eval={"bootstrap": 10},
+                    checkpoint={"every_steps": 0, "keep": 2, **checkpoint},
+                    logging={"wandb": True, "project": "medscale-test"}, out_dir=str(tmp_path / name))
 
 
 def test_sigkill_and_resume_continue_one_wandb_run_with_each_step_once(tmp_path):

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import subprocess_env, write_shards
+from conftest import subprocess_env, tiny_run, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -29,17 +28,9 @@ def shards(tmp_path_factory):
 
 def _train(tmp: Path, shards: Path, stage: int) -> Path:
     out = tmp / f"zero{stage}"
-    config = {
-        "out_dir": str(out),
-        "data": {"shards": str(shards), "image_size": 16, "channels": 1, "num_workers": 0, "shuffle_block": 16},
-        "model": {"name": "test_vit", "patch_size": 8, "num_classes": 2},
-        "train": {"steps": 4, "micro_batch_size": 4, "warmup_steps": 1, "lr": 1e-3, "log_every": 2,
-                  "precision": "bf16", "ema_decay": 0.5},
-        "dist": {"deepspeed_config": str(ROOT / "ds_configs" / f"cpu_zero{stage}.json")},
-        "eval": {"micro_batch_size": 4, "bootstrap": 0},
-    }
-    path = tmp / f"zero{stage}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = tiny_run(tmp / f"zero{stage}.yaml", shards, out_dir=str(out), data={"num_workers": 0},
+                    train={"steps": 4, "lr": 1e-3, "log_every": 2, "precision": "bf16", "ema_decay": 0.5},
+                    dist={"deepspeed_config": f"cpu_zero{stage}.json"})
     r = subprocess.run([sys.executable, "-m", "medscale.cli", "train", "--config", str(path)], cwd=tmp, env=subprocess_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]

@@ -39,8 +39,9 @@ import yaml
 
 from conftest import write_shards
 from conftest import last_step, losses
-from slurmkit import (ROOT, SLURM, Cluster, restart_lines, skip_or_fail_without_slurm,
-                      start_cluster, stop_cluster, wait_for)
+from slurmkit import skip_or_fail_without_slurm
+
+from medscale.testing.slurm import ROOT, SLURM, Cluster, restart_lines, start_cluster, stop_cluster, wait_for
 
 pytestmark = pytest.mark.slurm
 

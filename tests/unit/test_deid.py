@@ -15,10 +15,11 @@ import pydicom
 import pytest
 from PIL import Image, PngImagePlugin
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
+from medscale.synthetic import synthetic_dicom
 from medscale.prep.deid import (
     BODY_PART_TERMS,
     KEY_ENV,
@@ -61,67 +62,29 @@ ALLOWED_KEYS = {
 
 def make_dicom(**attrs: object) -> FileDataset:
     """A small CT-like DICOM full of canaries; keyword arguments override or (with None) delete."""
-    file_meta = FileMetaDataset()
-    file_meta.MediaStorageSOPClassUID = CTImageStorage
-    file_meta.MediaStorageSOPInstanceUID = SOP_UID
-    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("canary.dcm", {}, file_meta=file_meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = SOP_UID
-    ds.StudyInstanceUID = STUDY_UID
-    ds.SeriesInstanceUID = SERIES_UID
-    ds.Modality = "CT"
-    ds.PatientName = "CANARY_NAME_7f3a^Jane"
-    ds.PatientID = PATIENT_ID
-    ds.PatientBirthDate = "19450307"
-    ds.PatientSex = "F"
-    ds.PatientAge = "079Y"
-    ds.OtherPatientIDs = "CANARY_OTHERID_7f3a"
-    ds.StudyDate = "20240229"
-    ds.StudyTime = "101530"
-    ds.InstitutionName = "CANARY_INSTITUTION_7f3a"
-    ds.InstitutionAddress = "1 CANARY_STREET_7f3a, Springfield"
-    ds.ReferringPhysicianName = "CANARY_REFDOC_7f3a"
-    ds.PerformingPhysicianName = "CANARY_PERFDOC_7f3a"
-    ds.OperatorsName = "CANARY_OPERATOR_7f3a"
-    ds.StudyDescription = "CANARY_STUDYDESC_7f3a"
-    ds.SeriesDescription = "CANARY_SERIESDESC_7f3a"
-    ds.ImageComments = "patient CANARY_COMMENT_7f3a said hello"
-    ds.AccessionNumber = "CANARY_ACC_7f3a"
-    ds.Manufacturer = "CANARY_MAKER_7f3a"
-    ds.DeviceSerialNumber = "CANARY_SERIAL_7f3a"
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.ImageLaterality = "L"
-    ds.PixelSpacing = [0.5, 0.25]
-    ds.SliceThickness = 1.25
-    ds.WindowCenter = [40, -600]
-    ds.WindowWidth = [400, 1500]
-    ds.RescaleSlope = 1
-    ds.RescaleIntercept = -1024
     request = Dataset()
     request.RequestedProcedureDescription = "CANARY_REQUEST_7f3a"
     request.RequestedProcedureID = "CANARY_RPID_7f3a"
-    ds.RequestAttributesSequence = Sequence([request])
     ref = Dataset()
     ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
     ref.ReferencedSOPInstanceUID = REF_UID
-    ds.ReferencedStudySequence = Sequence([ref])
+    canaries = dict(
+        StudyInstanceUID=STUDY_UID, SeriesInstanceUID=SERIES_UID, PatientName="CANARY_NAME_7f3a^Jane",
+        PatientID=PATIENT_ID, PatientBirthDate="19450307", PatientSex="F", PatientAge="079Y",
+        OtherPatientIDs="CANARY_OTHERID_7f3a", StudyDate="20240229", StudyTime="101530",
+        InstitutionName="CANARY_INSTITUTION_7f3a", InstitutionAddress="1 CANARY_STREET_7f3a, Springfield",
+        ReferringPhysicianName="CANARY_REFDOC_7f3a", PerformingPhysicianName="CANARY_PERFDOC_7f3a",
+        OperatorsName="CANARY_OPERATOR_7f3a", StudyDescription="CANARY_STUDYDESC_7f3a",
+        SeriesDescription="CANARY_SERIESDESC_7f3a", ImageComments="patient CANARY_COMMENT_7f3a said hello",
+        AccessionNumber="CANARY_ACC_7f3a", Manufacturer="CANARY_MAKER_7f3a", DeviceSerialNumber="CANARY_SERIAL_7f3a",
+        BodyPartExamined="CHEST", ViewPosition="PA", ImageLaterality="L", PixelSpacing=[0.5, 0.25],
+        SliceThickness=1.25, WindowCenter=[40, -600], WindowWidth=[400, 1500], RescaleSlope=1, RescaleIntercept=-1024,
+        RequestAttributesSequence=Sequence([request]), ReferencedStudySequence=Sequence([ref]))
+    ds = synthetic_dicom((np.arange(256, dtype=np.uint16) * 16).reshape(16, 16), path="canary.dcm", sop_uid=SOP_UID,
+                         bits_stored=12, **{**canaries, **attrs})
     block = ds.private_block(0x0011, "CANARY_CREATOR_7f3a", create=True)
     block.add_new(0x01, "LO", "CANARY_PRIVATE_7f3a")
     ds.add_new(0x60000022, "LO", "CANARY_OVERLAY_7f3a")  # OverlayDescription
-    ds.Rows = ds.Columns = 16
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = (np.arange(256, dtype=np.uint16) * 16).tobytes()
-    for keyword, value in attrs.items():
-        if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
     return ds
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pydicom.data
 import pytest
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -25,10 +25,10 @@ from pydicom.uid import (
     JPEGExtended12Bit,
     JPEGLosslessSV1,
     JPEGLSLossless,
-    generate_uid,
 )
 
 from medscale.prep import errors
+from medscale.synthetic import write_dicom
 from medscale.prep.dicom import DICOM_REJECT_REASONS, RejectedInput, decode_dicom, read_dicom
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
@@ -51,26 +51,8 @@ def reason_of(path: Path, **kw: object) -> str:
 def write_image(path: Path, stored: np.ndarray, *, bits_stored: int = 16, signed: bool = False,
                 photometric: str = "MONOCHROME2", raw: bytes | None = None, **attrs: object) -> Path:
     """A 16-bit grayscale DICOM file holding `stored` (F, H, W) or (H, W); attrs override."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = attrs.get("SOPClassUID", CTImageStorage)
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    if stored.ndim == 3:
-        ds.NumberOfFrames = stored.shape[0]
-    ds.Rows, ds.Columns = stored.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
-    ds.PixelRepresentation = int(signed)
-    ds.PixelData = raw if raw is not None else stored.astype("<i2" if signed else "<u2").tobytes()
-    for keyword, value in attrs.items():
-        setattr(ds, keyword, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_dicom(path, stored.astype(np.int16 if signed else np.uint16), sop_class=attrs.pop("SOPClassUID", CTImageStorage),
+                       bits_stored=bits_stored, signed=signed, photometric=photometric, pixel_data=raw, **attrs)
 
 
 # 1. Every file pydicom ships either decodes or is rejected with a known reason.

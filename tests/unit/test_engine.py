@@ -196,7 +196,7 @@ def test_bce_pos_weight_and_focal():
     assert 0 < sig < bce(logits, target) * 10
     manifest = {"classes": ["a", "b"], "splits": {"train": {"samples": 100, "label_counts": {"a": 20, "b": 50}}}}
     assert pos_weight_from_manifest(manifest, "train") == [4.0, 1.0]
-    loss = build_loss(TrainConfig(task="multilabel", auto_pos_weight=True), manifest)
+    loss = build_loss(TrainConfig(label_kind="multilabel", auto_pos_weight=True), manifest)
     assert loss.pos_weight.tolist() == [4.0, 1.0]
     with pytest.raises(ConfigError, match="no positives"):
         pos_weight_from_manifest({"classes": ["a"], "splits": {"train": {"samples": 3, "label_counts": {"a": 0}}}}, "train")
@@ -429,7 +429,7 @@ def test_ranks_from_srun_environment(monkeypatch):
 
 
 def test_binary_patient_is_positive_if_any_image_is():
-    from medscale.eval.evaluate import _pool
+    from medscale.tasks.classification import pool as _pool
 
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]])
     pooled, target, names = _pool(probs, np.array([0, 1, 0, 0]), ["p1", "p1", "p2", "p2"], "multiclass",

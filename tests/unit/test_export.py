@@ -15,10 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from medscale.checkpoint import export
-from medscale.checkpoint.export import OnnxParityError, export_onnx, export_run, load_exported, write_safetensors
+from medscale.checkpoint import export, zero_weights
+from medscale.checkpoint.export import export_run, load_exported
+from medscale.checkpoint.onnx import OnnxParityError, export_onnx
+from medscale.checkpoint.safetensors_io import write_safetensors
 from medscale.checkpoint.safety import safe_load, verify_checkpoint_files
-from medscale.checkpoint.weights import load_run_model, preprocess_record, save_weights
+from medscale.checkpoint.weights import load_run_model, record_from_config, save_weights
 from medscale.cli import main
 from medscale.config import RunConfig, from_dict
 from medscale.dist import DistInfo
@@ -34,7 +36,7 @@ def _run(tmp: Path, ema: bool = True) -> Path:
     cfg = from_dict(RunConfig, {
         "model": {"name": "test_vit", "patch_size": 8, "num_classes": 3},
         "data": {"image_size": 16, "channels": 2, "windows": [[40, 400], [-600, 1500]], "normalize": "window"},
-        "train": {"task": "multiclass", "ema_decay": 0.5 if ema else 0.0},
+        "train": {"label_kind": "multiclass", "ema_decay": 0.5 if ema else 0.0},
         "eval": {"threshold": 0.3},
     })
     torch.manual_seed(0)
@@ -47,7 +49,7 @@ def _run(tmp: Path, ema: bool = True) -> Path:
         average.update()
     run = tmp / ("run" if ema else "run_no_ema")
     run.mkdir()
-    save_weights(SimpleNamespace(module=model), average, cfg, preprocess_record(cfg, CLASSES), run, DistInfo(0, 1, 0))
+    save_weights(SimpleNamespace(module=model), average, cfg, record_from_config(cfg, CLASSES), run, DistInfo(0, 1, 0))
     return run
 
 
@@ -248,14 +250,14 @@ def test_zero12_masters_come_from_the_slice_map_bit_for_bit_like_zero_to_fp32(tm
     want = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"), "step2")
     monkeypatch.setattr(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint", None)  # not used at ZeRO-1/2
     states = safe_load(ckpt / "mp_rank_00_model_states.pt")
-    got = export._master_weights(tmp_path / "checkpoints", "step2", ckpt, states)
+    got = zero_weights.master_weights(tmp_path / "checkpoints", "step2", ckpt, states)
     assert got.keys() == want.keys() - {"steps"} == values.keys()
     for name, lazy in got.items():
         t = lazy.contiguous()
         assert t.shape == want[name].shape and torch.equal(t.view(torch.int32), want[name].view(torch.int32)), name
         assert torch.equal(t, values[name]), name
     if world > 1:
-        assert max(len(v.pieces) for v in got.values() if isinstance(v, export._Fragments)) == min(world, 3)
+        assert max(len(v.pieces) for v in got.values() if isinstance(v, zero_weights._Fragments)) == min(world, 3)
 
 
 def test_zero12_reader_refuses_inconsistent_files(tmp_path):
@@ -265,13 +267,13 @@ def test_zero12_reader_refuses_inconsistent_files(tmp_path):
     states = safe_load(ckpt / "mp_rank_00_model_states.pt")
     (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").rename(ckpt / "zero_pp_rank_2_mp_rank_00_optim_states.pt")
     with pytest.raises(InputError, match=r"optimizer files of ranks \[0, 2\]"):
-        export._master_weights(tmp_path, "step2", ckpt, states)
+        zero_weights.master_weights(tmp_path, "step2", ckpt, states)
     (ckpt / "zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(InputError, match="holds 1 optimizer files, zero_pp_rank_0_mp_rank_00_optim_states.pt says 2"):
-        export._master_weights(tmp_path, "step2", ckpt, states)
+        zero_weights.master_weights(tmp_path, "step2", ckpt, states)
     _zero12_checkpoint(tmp_path / "two_groups", [groups[0], {"b": (3,)}], 1)
     with pytest.raises(InputError, match="holds 2 parameter groups, the model states 1"):
-        export._master_weights(tmp_path, "two_groups", tmp_path / "two_groups", states)
+        zero_weights.master_weights(tmp_path, "two_groups", tmp_path / "two_groups", states)
 
 
 def test_names_read_from_an_export_or_a_run_never_reach_a_hub_or_a_path(run, tmp_path):

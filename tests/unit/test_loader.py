@@ -346,7 +346,7 @@ def test_corrupt_eval_samples_become_padding(tmp_path):
 @pytest.mark.parametrize("limit", [0.05, 0.0])
 def test_evaluation_reports_corrupt_samples_within_the_limit(tmp_path, limit):
     from medscale.config import RunConfig, from_dict
-    from medscale.eval.evaluate import evaluate
+    from medscale.tasks.classification import evaluate
 
     root = corrupt_dataset(tmp_path / "s", bad_samples=(3,))  # 1 of 30
     data = {"image_size": 16, "channels": 1, "num_workers": 0, "max_corrupt_fraction": limit}
@@ -450,7 +450,7 @@ def test_a_worker_with_nothing_readable_never_raises_alone(tmp_path):
 
 
 def test_url_forms():
-    from medscale.formats.manifest import UnsafeManifestEntry, is_local, join_url, wds_gopen
+    from medscale.formats.manifest import UnsafeManifestEntry, gopen_module, is_local, join_url
 
     assert join_url("pipe:aws s3 cp s3://b/prep/{} -", "train-0.tar") == "pipe:aws s3 cp s3://b/prep/train-0.tar -"
     assert join_url("pipe:curl -s https://h/prep", "m.json") == "pipe:curl -s https://h/prep/m.json"
@@ -461,7 +461,7 @@ def test_url_forms():
         with pytest.raises(UnsafeManifestEntry, match="is refused"):
             join_url("/data/prep", name)
     assert is_local("/data/x.tar") and is_local("file:///data/x.tar") and not is_local("s3://b/x.tar")
-    assert "s3" in wds_gopen.gopen_schemes  # s3:// opens through the AWS CLI
+    assert "s3" in gopen_module().gopen_schemes  # s3:// opens through the AWS CLI
 
 
 def test_training_epochs_end_on_whole_optimizer_steps(shard_factory):

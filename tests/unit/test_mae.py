@@ -11,7 +11,8 @@ from timm.models.vision_transformer import VisionTransformer
 from medscale.config import ConfigError, RunConfig, from_dict
 from medscale.models.mae import (MaskedAutoencoder, mask_from_seeds, masked_loss, patch_targets, patchify,
                                  sincos_pos_embed_2d, unpatchify)
-from medscale.train.tasks import MaeTask, build_task
+from medscale.tasks.base import build_task
+from medscale.tasks.mae import MaeTask
 
 
 def _vit(img_size=(32, 32), in_chans=1, **kw) -> VisionTransformer:
@@ -140,7 +141,7 @@ def test_shapes_for_channels_grids_and_prefix_tokens(in_chans, size, tokens):
     assert recon.shape == x.shape and hidden.shape == (2, 1, *size)
     visible = unpatchify((~out.mask)[..., None].float().expand(-1, -1, 64 * in_chans), (8, 8), grid, in_chans).bool()
     assert torch.equal(recon[visible], x[visible]) and torch.equal(~hidden.expand_as(x), visible)
-    from medscale.train.tasks import _triptych
+    from medscale.tasks.mae import _triptych
 
     strip = _triptych(x[0], recon[0], hidden[0, 0])  # one row per channel (one colour row for 3)
     rows = 1 if in_chans == 3 else in_chans
@@ -177,15 +178,24 @@ def test_timm_models_and_bf16():
 
 def test_mae_config_is_strict():
     cfg = from_dict(RunConfig, {"train": {"objective": "mae"}, "mae": {"mask_ratio": 0.9}})
-    assert cfg.mae.mask_ratio == 0.9 and cfg.mae.decoder_depth >= 1
+    assert cfg.objective_config.mask_ratio == 0.9 and cfg.objective_config.decoder_depth >= 1
+    mae = {"objective": "mae"}
     with pytest.raises(ConfigError, match="mae.mask_ratio"):
-        from_dict(RunConfig, {"mae": {"mask_ratio": 1.0}})
+        from_dict(RunConfig, {"train": mae, "mae": {"mask_ratio": 1.0}})
     with pytest.raises(ConfigError, match="decoder_heads"):
-        from_dict(RunConfig, {"mae": {"decoder_dim": 36, "decoder_heads": 8}})
+        from_dict(RunConfig, {"train": mae, "mae": {"decoder_dim": 36, "decoder_heads": 8}})
     with pytest.raises(ConfigError, match="multiple of 4"):
-        from_dict(RunConfig, {"mae": {"decoder_dim": 30, "decoder_heads": 2}})
+        from_dict(RunConfig, {"train": mae, "mae": {"decoder_dim": 30, "decoder_heads": 2}})
     with pytest.raises(ConfigError, match="unknown config key 'mae.mask_ration'"):
-        from_dict(RunConfig, {"mae": {"mask_ration": 0.5}})
+        from_dict(RunConfig, {"train": mae, "mae": {"mask_ration": 0.5}})
+    with pytest.raises(ConfigError, match="unknown config key 'mae.mask_ration'"):
+        from_dict(RunConfig, {"mae": {"mask_ration": 0.5}})  # a typo is named whatever the objective
+    # The section is the objective's: set for another objective, it is refused rather than ignored...
+    with pytest.raises(ConfigError, match="config section 'mae' .* is for train.objective=mae, but this run's "
+                                          "objective is classification"):
+        from_dict(RunConfig, {"mae": {"mask_ratio": 0.9}})
+    # ...except an untouched one, as every config saved by medscale 0.1 carries
+    assert from_dict(RunConfig, {"mae": {"mask_ratio": 0.75}}).objective_config is None
     with pytest.raises(ConfigError, match="train.objective"):
         from_dict(RunConfig, {"train": {"objective": "simclr"}})
 
@@ -193,12 +203,14 @@ def test_mae_config_is_strict():
 def test_mfu_counts_the_autoencoder_not_the_full_image_classifier():
     # The encoder sees a quarter of the patches: the classifier's FLOPs would overstate MFU about 4x.
     from medscale.config import RunConfig
-    from medscale.train.tasks import ClassificationTask, MaeTask
+    from medscale.tasks.classification import ClassificationTask
+    from medscale.tasks.mae import MaeConfig, MaeTask
 
     cfg = RunConfig()
     cfg.model.name, cfg.data.channels, cfg.data.image_size = "vit_base_patch16_224", 3, 224
     full, mae = (object.__new__(cls) for cls in (ClassificationTask, MaeTask))
     full.cfg = mae.cfg = cfg
+    mae.mae = MaeConfig()
     dense, masked = full.flops_per_sample(), mae.flops_per_sample()
     assert dense == pytest.approx(2 * 17.56e9, rel=0.01)  # timm's ViT-B/16: 17.6 GMACs
     # 49 of 196 patches (plus the class token) through the encoder, then the small decoder on all of them

@@ -8,7 +8,8 @@ import signal
 import pytest
 
 from medscale.train import preemption
-from medscale.train.preemption import EXIT_REQUEUE, STOP_SIGNALS, StopRequest
+from medscale.signals import STOP_SIGNALS
+from medscale.train.preemption import EXIT_REQUEUE, StopRequest
 
 
 @pytest.mark.parametrize("sig", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)

@@ -23,7 +23,10 @@ from medscale.config import load_config
 from medscale.prep.config import PrepConfig
 from medscale.demo import write_synthetic_corpus
 from medscale.prep.deid import Pseudonymizer
-from medscale.prep.pipeline import PrepJob, merge, prepare_output, run_prep
+from medscale.prep.job import PrepJob
+from medscale.prep.merge import merge
+from medscale.prep.pipeline import run_prep
+from medscale.prep.plan import prepare_output
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = bytes(range(32))

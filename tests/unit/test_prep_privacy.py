@@ -18,7 +18,8 @@ from test_deid import NUMERIC_CANARIES, make_dicom
 from test_prep import KEY, prep
 
 from medscale.config import ConfigError
-from medscale.prep.pipeline import PrepJob, default_log_dir, prepare_output
+from medscale.prep.job import PrepJob, default_log_dir
+from medscale.prep.plan import prepare_output
 from medscale.formats.tar import DuplicateKey, ShardSequence
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -155,7 +156,7 @@ def test_a_duplicate_that_fails_to_convert_gives_the_next_copy_its_turn(tmp_path
 def test_the_header_byte_scan_finds_the_instance_uid_pydicom_reads():
     """The scan only orders copies (the duplicate check itself compares keys after the full read),
     but a wrong UID would make it pointless: it must agree with pydicom wherever it answers."""
-    from medscale.prep.pipeline import _scan_instance
+    from medscale.prep.instances import scan_instance as _scan_instance
 
     files = Path(pydicom.data.__file__).parent / "test_files"
     found = missed = 0

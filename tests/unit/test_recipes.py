@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ComputedRadiographyImageStorage
 
 from medscale.config import load_config
 from medscale.prep.config import PrepConfig
-from medscale.prep.pipeline import PrepJob, prepare_output, run_prep
+from medscale.prep.job import PrepJob
+from medscale.prep.pipeline import run_prep
+from medscale.prep.plan import prepare_output
+from medscale.synthetic import write_dicom
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = bytes(range(32))
@@ -71,20 +73,8 @@ def test_nih_chestxray14(tmp_path):
 
 
 def _cr(path: Path, patient_id: str) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
-    meta.MediaStorageSOPInstanceUID = uid = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = ComputedRadiographyImageStorage, uid
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID = ds.PatientName = patient_id
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
-    ds.Rows = ds.Columns = 48
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = rng.integers(0, 255, (48, 48), dtype=np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom(path, rng.integers(0, 255, (48, 48), dtype=np.uint8), sop_class=ComputedRadiographyImageStorage,
+                modality="CR", PatientID=patient_id, PatientName=patient_id, BodyPartExamined="CHEST", ViewPosition="PA")
 
 
 def test_rsna_pneumonia(tmp_path):

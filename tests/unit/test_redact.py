@@ -20,31 +20,24 @@ import pydicom
 import pydicom.data
 import pytest
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, UltrasoundMultiFrameImageStorage, generate_uid
+from pydicom.uid import UltrasoundImageStorage, UltrasoundMultiFrameImageStorage
 from test_prep import prep, samples_of
 
 from medscale.config import load_config
 from medscale.errors import ConfigError
 from medscale.formats.codec import decode_pixels
 from medscale.prep.config import PrepConfig
+from medscale.synthetic import write_dicom
 from medscale.prep.deid import burned_in_text_reason
 from medscale.prep.dicom import decode_dicom, read_dicom
 from medscale.prep.errors import RejectedInput
-from medscale.prep.pipeline import default_log_dir
-from medscale.prep.redact import (
-    Box,
-    Redactor,
-    check_ocr_available,
-    load_rules,
-    ocr_findings,
-    ocr_frame_sample,
-    outside,
-    parse_rules,
-    require_ocr,
-    ultrasound_regions,
-)
+from medscale.prep.job import default_log_dir
+from medscale.prep.ocr import check_ocr_available, ocr_findings, ocr_frame_sample, require_ocr
+from medscale.prep.redact import Redactor
+from medscale.prep.redact_rules import load_rules, parse_rules
+from medscale.prep.regions import Box, outside, ultrasound_regions
 
 
 def _ocr_missing() -> str | None:
@@ -129,26 +122,6 @@ def us_dicom(path: Path, frames: np.ndarray, *, regions: list[tuple[int, int, in
              **attrs: object) -> Path:
     """Write an uncompressed 8-bit ultrasound DICOM (grey or RGB, one frame or cine) with regions."""
     multi = frames.ndim == (4 if frames.shape[-1] == 3 else 3)
-    rgb = frames.shape[-1] == 3
-    sop_class = UltrasoundMultiFrameImageStorage if multi else UltrasoundImageStorage
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = uid = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "US"
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JANE", "4471902", "19870307"
-    ds.Manufacturer, ds.ManufacturerModelName = "ACME Sono", "S1"
-    ds.Rows, ds.Columns = frames.shape[-3:-1] if rgb else frames.shape[-2:]
-    ds.SamplesPerPixel = 3 if rgb else 1
-    ds.PhotometricInterpretation = "RGB" if rgb else "MONOCHROME2"
-    if rgb:
-        ds.PlanarConfiguration = 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    if multi:
-        ds.NumberOfFrames = frames.shape[0]
     items = []
     for x0, y0, x1, y1 in regions if regions is not None else [REGION]:
         item = Dataset()
@@ -156,16 +129,11 @@ def us_dicom(path: Path, frames: np.ndarray, *, regions: list[tuple[int, int, in
         item.RegionLocationMinX0, item.RegionLocationMinY0 = x0, y0
         item.RegionLocationMaxX1, item.RegionLocationMaxY1 = x1, y1
         items.append(item)
-    if items:
-        ds.SequenceOfUltrasoundRegions = Sequence(items)
-    for k, v in attrs.items():
-        if v is None:
-            delattr(ds, k)
-        else:
-            setattr(ds, k, v)
-    ds.PixelData = np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    header = {"SequenceOfUltrasoundRegions": Sequence(items)} if items else {}
+    return write_dicom(path, np.asarray(frames, dtype=np.uint8), modality="US",
+                       sop_class=UltrasoundMultiFrameImageStorage if multi else UltrasoundImageStorage,
+                       PatientName="DOE^JANE", PatientID="4471902", PatientBirthDate="19870307", Manufacturer="ACME Sono",
+                       ManufacturerModelName="S1", **header, **attrs)
 
 
 def photo(seed: int, rows: int = 384, cols: int = 512) -> np.ndarray:

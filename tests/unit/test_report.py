@@ -13,11 +13,13 @@ import torch
 from medscale.config import RunConfig, from_dict, save_config
 from medscale.data.loader import ShardStream, make_loader
 from medscale.errors import InputNotFound
-from medscale.eval import evaluate as evaluate_module
+from medscale.tasks import classification as evaluate_module
 from medscale.eval.curves import MAX_POINTS, curve_data, subsample_curve
-from medscale.eval.evaluate import display_image, evaluate, predict, samples_path, save_result
+from medscale.eval.results import display_image, samples_path, save_result
+from medscale.tasks.classification import evaluate, predict
 from medscale.eval.metrics import average_precision, classification_metrics, roc_auc
-from medscale.report import figures, write_report
+from medscale.report import figures
+from medscale.report.html import write_report
 
 
 def _multiclass(n: int = 2000, c: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

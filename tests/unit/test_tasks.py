@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from medscale.config import ConfigError, RunConfig, from_dict
-from medscale.train import tasks
 from medscale.formats.manifest import has_labels
-from medscale.train.tasks import ClassificationTask, build_task
+from medscale.tasks import registry
+from medscale.tasks.base import TaskBase, build_task
+from medscale.tasks.classification import ClassificationTask
 
 
 def _cfg(**train: Any) -> RunConfig:
@@ -26,8 +27,8 @@ def test_classification_refuses_unlabeled_shards_with_what_to_do():
 
 
 def test_classification_checks_task_and_class_count():
-    with pytest.raises(ConfigError, match="train.task=multilabel.*multiclass"):
-        build_task(_cfg(task="multilabel"), {"task": "multiclass", "classes": ["a", "b"]})
+    with pytest.raises(ConfigError, match="train.label_kind=multilabel.*multiclass"):
+        build_task(_cfg(label_kind="multilabel"), {"task": "multiclass", "classes": ["a", "b"]})
     with pytest.raises(ConfigError, match="model.num_classes=2.*3 classes"):
         build_task(_cfg(), {"task": "multiclass", "classes": ["a", "b", "c"]})
     task = build_task(_cfg(), {"task": "multiclass", "classes": ["a", "b"]})
@@ -85,11 +86,30 @@ def test_train_step_runs_any_objective():
     assert out.stepped and out.loss is not None and engine.backwards == 1
 
 
+class _ReconstructTask(TaskBase):
+    """A plug-in objective: TaskBase's defaults and the four methods every objective writes."""
+
+    needs_labels: ClassVar[bool] = False
+
+    def build_model(self) -> torch.nn.Module:
+        return torch.nn.Linear(4, 4)
+
+    loss = _Reconstruct.loss
+
+    def predict(self, model: Any, stream: Any, dtype: Any, device: Any) -> dict[str, Any]:
+        return {}
+
+    def evaluate(self, model: Any, stream: Any, dtype: Any, device: Any) -> dict[str, Any]:
+        return {}
+
+
 def test_objectives_are_registered_by_name(monkeypatch):
-    monkeypatch.setitem(tasks.TASKS, "reconstruct", lambda cfg, manifest: _Reconstruct())
-    cfg = _cfg()
-    cfg.train.objective = "reconstruct"  # type: ignore[assignment] - a plug-in objective
-    assert isinstance(build_task(cfg, {}), _Reconstruct)
-    cfg.train.objective = "nope"  # type: ignore[assignment]
-    with pytest.raises(ConfigError, match="not registered.*classification"):
-        build_task(cfg, {})
+    monkeypatch.setitem(registry._REGISTERED, "reconstruct", _ReconstructTask)
+    cfg = _cfg(objective="reconstruct")  # checked against the registry when the config is built
+    task = build_task(cfg, {})
+    assert isinstance(task, _ReconstructTask) and task.name == "reconstruct" and not task.needs_labels
+    with pytest.raises(ConfigError, match="train.objective='nope' is not a known objective.*classification"):
+        _cfg(objective="nope")
+    monkeypatch.setitem(registry._REGISTERED, "broken", _Reconstruct)  # lacks what an objective must have
+    with pytest.raises(ConfigError, match="is not a medscale objective .*lacks build_model"):
+        _cfg(objective="broken")

@@ -216,7 +216,10 @@ def test_eval_figures_and_intervals_reach_wandb(offline, tmp_path):
     tracker = Tracker(LoggingConfig(wandb=True), tmp_path, True, CONFIG)
     tracker.start()
     tracker.log(5, {"auroc": 0.9}, prefix="test/")
-    tracker.log_figures(5, "test", {"curves": curves, "samples": samples})
+    from medscale.tasks.classification import ClassificationTask
+
+    result = {"curves": curves, "samples": samples}
+    tracker.log_figures(5, lambda wandb: ClassificationTask.wandb_figures(wandb, "test", result))
     tracker.summary({"test/auroc": 0.9, "test/auroc_ci": [0.8, 0.97], "test/curves": curves,
                      "test/per_class": {"lesion": {"auroc": 0.9, "auroc_ci": [0.7, 1.0]}}})
     tracker.close()

@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from medscale.config import ModelConfig, RunConfig, to_dict
+from medscale.config import RunConfig, to_dict
 from medscale.dist import DistInfo, barrier
 from medscale.errors import InputError, InputNotFound
 from medscale.files import atomic_write
 
 __all__ = ["PREPROCESS_VERSION", "preprocess_record", "fp32_state_dict", "save_weights", "read_preprocess",
-           "load_run_model"]
+           "record_from_config", "record_objective", "load_run_model"]
 
 log = logging.getLogger("medscale.checkpoint")
 
@@ -37,8 +37,12 @@ PREPROCESS_VERSION = 1
 MODEL_FILE, PREPROCESS_FILE = "model.pt", "preprocess.json"
 
 
-def preprocess_record(cfg: RunConfig, class_names: list[str]) -> dict[str, Any]:
-    """How inputs must be prepared for these weights, and how their outputs read."""
+def preprocess_record(cfg: RunConfig, task: Any) -> dict[str, Any]:
+    """How inputs must be prepared for these weights, and how their outputs read.
+
+    `task`: the run's objective (`medscale.tasks.base.Task`): its name, class names and what it adds
+    (`Task.record`: e.g. an autoencoder's decoder shape) go in too.
+    """
     m, d = cfg.model, cfg.data
     record = {
         "version": PREPROCESS_VERSION,
@@ -49,13 +53,12 @@ def preprocess_record(cfg: RunConfig, class_names: list[str]) -> dict[str, Any]:
         "windows": [list(w) for w in d.windows],
         "normalize": d.normalize,
         "objective": cfg.train.objective,
-        "task": cfg.train.task,
-        "class_names": list(class_names),
+        "task": cfg.train.label_kind,  # the label kind (the key keeps its version-1 name)
+        "class_names": list(task.class_names),
         # None: 0.5, or argmax for multiclass with more than two classes (eval.threshold's default).
         "threshold": cfg.eval.threshold,
     }
-    if cfg.train.objective == "mae":  # the decoder's shape, to rebuild the whole autoencoder
-        record["mae"] = to_dict(cfg.mae)
+    record.update(task.record())
     return record
 
 
@@ -119,32 +122,41 @@ def read_preprocess(run_dir: Path) -> dict[str, Any]:
         raise InputNotFound(f"{run_dir} holds neither {PREPROCESS_FILE} nor config.yaml: not a medscale run")
     from medscale.config import load_config
 
-    return preprocess_record(load_config(RunConfig, config), [])
+    return record_from_config(load_config(RunConfig, config), [])
+
+
+def record_from_config(cfg: RunConfig, class_names: list[str]) -> dict[str, Any]:
+    """`preprocess_record` from a run config alone, for runs and checkpoints written before the record
+    was: with no shards to build the objective from, what it adds is taken to be its own config
+    section (what medscale's objectives add)."""
+    from types import SimpleNamespace
+
+    from medscale.tasks.registry import task_class
+
+    section = task_class(cfg.train.objective).config_section
+    extra = {section: to_dict(cfg.objective_config)} if section and cfg.objective_config is not None else {}
+    return preprocess_record(cfg, SimpleNamespace(class_names=class_names, record=lambda: extra))
+
+
+def record_objective(record: dict[str, Any]) -> Any:
+    """The objective class a preprocessing record was written by (runs before objectives were recorded:
+    classification)."""
+    from medscale.tasks.registry import DEFAULT_OBJECTIVE, task_class
+
+    return task_class(record.get("objective") or DEFAULT_OBJECTIVE)
 
 
 def load_run_model(run_dir: Path, use_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a finished run, built from its preprocessing record: EMA weights when present
-    and wanted (an MAE run's: the whole `MaskedAutoencoder`). Returns the model (eval mode, CPU) and
-    the record."""
-    from medscale.models import create_model
-
+    """The model of a finished run, built by its objective from its preprocessing record: EMA weights
+    when present and wanted (an MAE run's: the whole autoencoder). Returns the model (eval mode, CPU)
+    and the record."""
     run_dir = Path(run_dir)
     path = run_dir / MODEL_FILE
     if not path.exists():
         raise InputNotFound(f"{path} not found; `medscale train` writes it at the end of a run")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     record = saved.get("preprocess") or read_preprocess(run_dir)
-    spec = record["model"]
-    model_cfg = ModelConfig(name=spec["name"], num_classes=spec["num_classes"], patch_size=spec.get("patch_size", 0),
-                            drop_path_rate=spec.get("drop_path_rate", 0.0))
-    if record.get("objective") == "mae":
-        from medscale.config import MaeConfig, from_dict
-        from medscale.models import create_mae_model
-
-        model = create_mae_model(model_cfg, from_dict(MaeConfig, record.get("mae") or {}, source=str(path)),
-                                 img_size=record["image_size"], in_chans=record["channels"])
-    else:
-        model = create_model(model_cfg, img_size=record["image_size"], in_chans=record["channels"])
+    model = record_objective(record).model_from_record(record)
     key = "model_ema" if use_ema and "model_ema" in saved else "model"
     model.load_state_dict(saved[key])
     log.info("loaded %s weights of %s", "EMA" if key == "model_ema" else "trained", path)

@@ -9,4 +9,6 @@
   transforms run).
 - `medscale.data.loader`: `ShardStream`, `make_loader`: batches (labels optional), resume state,
   corrupt accounting.
+- `medscale.data.collate`: a worker's samples to one batch; `medscale.data.shm`: the shared-memory
+  buffers batches cross to the rank in.
 """

@@ -82,21 +82,23 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medscale.config import DataConfig
+from medscale.data.collate import Batch, collate, to_tensors
 from medscale.data.order import (EpochOrder, class_weights, eval_batch_ids, eval_batches, stable_seed,
                                  train_batch_ids, worker_batches)
 from medscale.data.reader import ShardReader, shard_labels
+from medscale.data.shm import SharedBuffers
 from medscale.data.transforms import SampleTransform
 from medscale.errors import ConfigError, CorruptShards
 from medscale.formats.manifest import has_labels, join_url, load_manifest, task_of
 from medscale.formats.sample import decode_members, label_field
 from medscale.leash import die_with_parent
+from medscale.signals import STOP_SIGNALS
 
 __all__ = ["load_manifest", "ShardStream", "StreamLoader", "make_loader", "decode_sample", "Batch",
            "STATE_VERSION"]
 
 log = logging.getLogger("medscale.data")
 
-Batch = dict[str, Any]
 STATE_VERSION = 1
 _CHECK_EVERY = 16  # batches between global corrupt-count checks (one tiny all-reduce)
 _LOG_FIRST = 10  # corrupt samples logged one by one per worker and epoch, then every _LOG_EVERY-th
@@ -483,7 +485,7 @@ class _Accounting:
         self.shards_reported = 0
         self.bytes_reported = 0
         self.last_good: dict[str, Any] | None = None
-        self.buffers = _SharedBuffers()
+        self.buffers = SharedBuffers()
         # Per-sample augmentation seeds are _mix(seed_base + position): a function of (seed,
         # epoch, position in the global sequence) only, the same for any world size.
         self.seed_base = stable_seed(stream.seed, stream.epoch, "augment")
@@ -502,7 +504,7 @@ class _Accounting:
         stats = {"batch": index, "position": position, "worker": self.worker, "corrupt": self.in_batch,
                  "shard_errors": shards - self.shards_reported, "bytes": read - self.bytes_reported}
         self.in_batch, self.shards_reported, self.bytes_reported = 0, shards, read
-        out = _collate(items, self.buffers)
+        out = collate(items, self.buffers)
         out["stats"] = stats
         return out
 
@@ -518,140 +520,6 @@ def _sum_over_ranks(value: int, world: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, group=cpu_group())
     return int(t.item())
-
-
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault in a range's pages in one call (no GIL held)
-_PAGE_BYTES = 4096  # madvise takes a page-aligned start
-_LIBC: Any = None
-
-
-def _new_shared(shape: tuple[int, ...], populate: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An uninitialised tensor in shared memory (how torch's default_collate allocates)."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize, device="cpu")
-    t = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-    if populate and numel:
-        global _LIBC
-        try:
-            if _LIBC is None:
-                import ctypes
-
-                _LIBC = ctypes.CDLL(None, use_errno=True)
-                _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            start = t.data_ptr() & ~(_PAGE_BYTES - 1)
-            _LIBC.madvise(start, numel * t.element_size() + t.data_ptr() - start,
-                          _MADV_POPULATE_WRITE)  # failure is harmless
-        except (OSError, AttributeError):
-            pass  # no libc madvise: the pages fault in when the batch is written
-    return t
-
-
-class _SharedBuffers:
-    """Shared-memory image buffers for a worker's batches, prepared one batch ahead.
-
-    A batch crosses to the main process in shared memory, which must be freshly allocated for
-    every batch; faulting in its pages (a cost BENCHMARKS.md measures) is done by a helper thread
-    while the worker decodes the next samples. Buffers are prepared by size (the largest so far):
-    the gpu path's padded pixel batches change shape from batch to batch.
-    """
-
-    def __init__(self) -> None:
-        self._pool: Any = None
-        self._next: Any = None
-        self._dtype: torch.dtype | None = None
-        self._numel = 0
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
-        if self._next is not None and self._dtype == dtype and numel <= self._numel:
-            buf = self._next.result()[:numel].view(shape)
-        else:
-            buf = _new_shared(shape, dtype=dtype)
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="medscale-shm")
-        self._numel = max(numel, self._numel if self._dtype == dtype else 0)
-        self._dtype = dtype
-        self._next = self._pool.submit(_new_shared, (self._numel,), True, dtype)
-        return buf
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _stack(tensors: list[torch.Tensor], buffers: _SharedBuffers | None = None) -> torch.Tensor:
-    if get_worker_info() is None:
-        return torch.stack(tensors)
-    # In a worker, stack straight into shared memory: the batch then crosses to the main process
-    # without another copy.
-    shape = (len(tensors), *tensors[0].shape)
-    out = buffers.take(shape) if buffers is not None else _new_shared(shape)
-    return torch.stack(tensors, out=out)
-
-
-# Stored dtypes the gpu path ships as they are; anything else is widened (uint32) or narrowed to
-# float32 (float64), as the cpu path's float32 conversion would.
-_SHIPPED = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int8): torch.int8, np.dtype(np.uint16): torch.uint16,
-            np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}
-
-
-def _pad_pixels(crops: list[np.ndarray], buffers: _SharedBuffers | None = None) -> torch.Tensor:
-    """(C, h, w) crops of one batch in one (B, C, H, W) tensor of their common dtype, each top-left,
-    zero-padded to the largest; in shared memory in a worker.
-
-    Padding rather than grouping by size: the batch keeps its order (exact resume) and the device
-    resizes it in one pass; the cost is the padding bytes, about 10% for same-size sources and
-    their random crops.
-    """
-    dtype = np.result_type(*[c.dtype for c in crops])
-    tdtype = _SHIPPED.get(dtype, torch.int64 if dtype.kind in "ui" else torch.float32)
-    shape = (len(crops), max(c.shape[0] for c in crops), max(c.shape[1] for c in crops),
-             max(c.shape[2] for c in crops))
-    if get_worker_info() is not None:
-        out = buffers.take(shape, tdtype) if buffers is not None else _new_shared(shape, dtype=tdtype)
-    else:
-        out = torch.empty(shape, dtype=tdtype)
-    for k, crop in enumerate(crops):
-        c, h, w = crop.shape
-        out[k, :c, :h, :w].copy_(torch.from_numpy(crop))
-        out[k, c:].zero_()  # the padding: fresh shared memory is zero already, reused buffers are not
-        out[k, :c, h:].zero_()
-        out[k, :c, :h, w:].zero_()
-    return out
-
-
-def _collate(items: list[dict[str, Any]], buffers: _SharedBuffers | None = None) -> Batch:
-    if items and "pixels" in items[0]:  # the gpu path: stored-dtype crops and their parameters
-        pixels: Batch = {"pixels": _pad_pixels([x["pixels"] for x in items], buffers),
-                         "params": torch.from_numpy(np.stack([x["params"] for x in items]))}
-    else:
-        pixels = {"image": _stack([x["image"] for x in items], buffers)}
-    batch = {
-        **pixels,
-        "key": [x["key"] for x in items],
-        "patient": [x["patient"] for x in items],
-        "study": [x["study"] for x in items],
-        "valid": [x["valid"] for x in items],
-        "seed": [x["seed"] for x in items],
-    }
-    if items and "target" in items[0]:  # a stream without labels has no targets
-        batch["target"] = [x["target"] for x in items]  # lists: made tensors in the main process (`_tensors`)
-    return batch
-
-
-def _tensors(batch: Batch, task: str) -> Batch:
-    """Targets and valid flags to tensors, in the main process (see `_collate`)."""
-    if "target" in batch:
-        batch["target"] = torch.tensor(batch["target"], dtype=torch.float32 if task == "multilabel" else torch.long)
-    batch["valid"] = torch.tensor(batch["valid"], dtype=torch.bool)
-    batch["seed"] = torch.tensor(batch["seed"], dtype=torch.int64)
-    return batch
 
 
 class StreamLoader(DataLoader):
@@ -679,10 +547,7 @@ class StreamLoader(DataLoader):
             stream._consumed(batch["stats"], index, total)
             if "pixels" in batch:
                 batch["device_transform"] = stream.transform  # applied by `to_device`
-            yield _tensors(batch, stream.task)
-
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+            yield to_tensors(batch, stream.task)
 
 
 def _worker_init(worker_id: int, parent: int) -> None:

@@ -1,3 +1,4 @@
-"""Evaluation: gather de-duplicated predictions from every rank, score them with medical metrics,
-keep curve data and a few sample images, save them to the run directory. Nothing here prints or
-draws; `medscale.report` renders results."""
+"""What every objective's evaluation shares: each sample once across ranks (`gather`), medical
+metrics (`metrics`), ROC/PR/calibration curve data (`curves`) and results on disk (`results`).
+Nothing here prints or draws (`medscale.report` renders results), and nothing here knows an
+objective: each evaluates itself (`medscale.tasks`)."""

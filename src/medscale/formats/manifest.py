@@ -53,12 +53,11 @@ from medscale.errors import InputError, InputNotFound
 from medscale.files import atomic_write, unsafe_relative_name
 from medscale.formats.sample import UNLABELED
 
-# webdataset's package namespace exports the gopen *function*; the module holds the scheme table.
-wds_gopen = importlib.import_module("webdataset.gopen")
+_GOPEN: Any = None
 
 __all__ = ["UnsafeManifestEntry", "MANIFEST_VERSION", "load_manifest", "build_manifest", "write_manifest",
            "merge_manifests", "has_labels", "task_of", "check_version", "check_entries", "join_url", "is_local",
-           "is_remote", "local_path", "open_url"]
+           "is_remote", "local_path", "open_url", "gopen_module"]
 
 log = logging.getLogger("medscale.formats")
 
@@ -73,13 +72,24 @@ class UnsafeManifestEntry(InputError):
     """A manifest entry that names a command, a URL or a path outside the manifest's directory."""
 
 
-def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
-    """Stream an s3:// object through the AWS CLI (webdataset has no native s3 opener)."""
-    return wds_gopen.gopen_pipe(f"pipe:aws s3 cp {shlex.quote(url)} -", mode, bufsize, **kw)
+def gopen_module() -> Any:
+    """webdataset's ``gopen`` module, with an ``s3://`` opener registered (a user's own registration wins).
 
+    Imported on first use: importing webdataset imports torch (over a second and hundreds of MB),
+    which prep and every reader of local manifests do without.
+    """
+    global _GOPEN
+    if _GOPEN is None:
+        # webdataset's package namespace exports the gopen *function*; the module holds the scheme table.
+        module = importlib.import_module("webdataset.gopen")
 
-# A user's own registration wins (setdefault).
-wds_gopen.gopen_schemes.setdefault("s3", _gopen_s3)
+        def s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
+            """Stream an s3:// object through the AWS CLI (webdataset has no native s3 opener)."""
+            return module.gopen_pipe(f"pipe:aws s3 cp {shlex.quote(url)} -", mode, bufsize, **kw)
+
+        module.gopen_schemes.setdefault("s3", s3)
+        _GOPEN = module
+    return _GOPEN
 
 
 def is_remote(root: str) -> bool:
@@ -119,7 +129,7 @@ def open_url(url: str) -> Any:
     """A binary file object for a local path or any URL webdataset's gopen understands."""
     if is_local(url):
         return open(local_path(url), "rb")
-    return wds_gopen.gopen(url, "rb")
+    return gopen_module().gopen(url, "rb")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +161,7 @@ def _read_one(root: str) -> dict[str, Any]:
         text = path.read_text()
     else:
         try:
-            with wds_gopen.gopen(url, "rb") as f:
+            with gopen_module().gopen(url, "rb") as f:
                 text = f.read().decode()
         except Exception as e:  # noqa: BLE001 - re-raised with the URL named
             raise InputNotFound(f"cannot read {url}: {type(e).__name__}: {e}") from e

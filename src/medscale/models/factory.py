@@ -5,15 +5,17 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
+from typing import Any, Mapping
 
 import timm
 import torch
 from torch import nn
 
-from medscale.config import MaeConfig, ModelConfig
+from medscale.config import ModelConfig
 from medscale.errors import ConfigError, InputError, InputNotFound
 
-__all__ = ["create_model", "create_mae_model", "load_weights", "ENCODER_ONLY", "POOLING_PREFIXES"]
+__all__ = ["create_model", "create_mae_model", "load_weights", "model_from_record", "record_model_config",
+           "timm_spec", "ENCODER_ONLY", "POOLING_PREFIXES"]
 
 log = logging.getLogger("medscale.models")
 
@@ -61,7 +63,40 @@ def create_model(cfg: ModelConfig, *, img_size: int, in_chans: int, encoder_only
     return model
 
 
-def create_mae_model(cfg: ModelConfig, mae: MaeConfig, *, img_size: int, in_chans: int) -> nn.Module:
+def record_model_config(record: Mapping[str, Any]) -> ModelConfig:
+    """The ``model`` section a preprocessing record keeps (`medscale.checkpoint.weights`)."""
+    spec = record["model"]
+    return ModelConfig(name=spec["name"], num_classes=spec["num_classes"], patch_size=spec.get("patch_size", 0),
+                       drop_path_rate=spec.get("drop_path_rate", 0.0))
+
+
+def model_from_record(record: Mapping[str, Any], encoder_only: bool = False) -> nn.Module:
+    """The timm model a preprocessing record describes (weights not loaded)."""
+    return create_model(record_model_config(record), img_size=record["image_size"], in_chans=record["channels"],
+                        encoder_only=encoder_only)
+
+
+def timm_spec(record: Mapping[str, Any], encoder_only: bool = False) -> dict[str, Any]:
+    """The timm architecture, its constructor arguments and the pretrained-config overlay of a
+    preprocessing record: what ``timm.create_model`` needs to rebuild the model and load an export
+    (`encoder_only`: without head and pooling, ``num_classes=0, global_pool=''``)."""
+    model = record["model"]
+    name = model["name"]
+    params = _constructor_params(name)
+    kwargs: dict[str, Any] = {"num_classes": 0 if encoder_only else int(model["num_classes"]),
+                              "in_chans": int(record["channels"])}
+    if encoder_only:
+        kwargs["global_pool"] = ""
+    if "img_size" in params:
+        kwargs["img_size"] = int(record["image_size"])
+    if model.get("patch_size"):
+        kwargs["patch_size"] = int(model["patch_size"])
+    overlay = {"num_classes": kwargs["num_classes"],
+               "input_size": [int(record["channels"]), int(record["image_size"]), int(record["image_size"])]}
+    return {"model_name": name, "kwargs": kwargs, "pretrained_cfg_overlay": overlay}
+
+
+def create_mae_model(cfg: ModelConfig, mae: Any, *, img_size: int, in_chans: int) -> nn.Module:
     """A masked autoencoder (`medscale.models.mae.MaskedAutoencoder`) around the timm ViT that
     `cfg` names, built encoder-only; ``model.weights`` (e.g. an earlier encoder export) initialises
     the encoder."""

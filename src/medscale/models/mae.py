@@ -98,7 +98,7 @@ def unpatchify(patches: torch.Tensor, patch: tuple[int, int], grid: tuple[int, i
 
 
 def patch_targets(patches: torch.Tensor, norm_pix: bool, eps: float = 1e-6) -> torch.Tensor:
-    """The regression target of each patch, in fp32: its pixels, or with `norm_pix` the MAE paper's
+    """The target of each patch, in fp32: its pixels, or with `norm_pix` the MAE paper's
     normalised pixels: ``(x - mean) / sqrt(var + eps)`` with the mean and the (unbiased) variance of
     all the patch's values, every channel together."""
     t = patches.float()

@@ -20,17 +20,17 @@ from medscale.config import RunConfig, save_config, to_dict
 from medscale.data.device import to_device
 from medscale.data.loader import ShardStream, make_loader
 from medscale.dist import DistInfo, all_gather_objects, barrier, init_distributed
-from medscale.eval.evaluate import save_result
+from medscale.eval.results import save_result
 from medscale.files import atomic_write
 from medscale.formats.manifest import load_manifest
+from medscale.logs import Progress
+from medscale.tasks.base import Task, build_task
 from medscale.train.ema import ModelEma
 from medscale.train.engine import build_engine, input_dtype
 from medscale.train.numerics import NumericsGuard
 from medscale.train.preemption import EXIT_REQUEUE, STOPPED_FILE, StopRequest
 from medscale.train.runlock import HOLDER_ENV, RunLock, RunLocked
-from medscale.train.tasks import Task, build_task
 from medscale.train.throughput import Throughput, device_peak_tflops
-from medscale.logs import Progress
 from medscale.train.tracking import Tracker
 
 __all__ = ["run", "train", "train_step", "MicroStep", "seed_everything", "EXIT_DONE", "EXIT_REQUEUE", "DONE_FILE"]
@@ -123,7 +123,7 @@ def _train(cfg: RunConfig, stop: StopRequest, dist: DistInfo, manifest: dict[str
     if stopped:
         return _stop(stop, tracker, run_dir, dist, state.step, checkpointer.newest())
 
-    save_weights(engine, ema, cfg, preprocess_record(cfg, task.class_names), run_dir, dist)
+    save_weights(engine, ema, cfg, preprocess_record(cfg, task), run_dir, dist)
     result = _evaluate(task, engine, ema, cfg, manifest, dist, cfg.data.test_split, tracker, state.step)
     if dist.is_main:
         save_result(result, run_dir / "eval.json")
@@ -244,9 +244,10 @@ def _evaluate(task: Task, engine: Any, ema: ModelEma | None, cfg: RunConfig, man
     use_ema = ema is not None and cfg.eval.use_ema
     with ema.applied() if use_ema else contextlib.nullcontext():  # type: ignore[union-attr]
         result = task.evaluate(engine, stream, input_dtype(engine), engine.device)
+    result["objective"] = task.name  # what the report and W&B ask to draw it
     result["weights"] = "ema" if use_ema else "trained"
     level = result.get(f"{cfg.eval.aggregate}_level", {})
     tracker.log(step, {**result, **{f"{cfg.eval.aggregate}_level/{k}": v for k, v in level.items()}},
                 prefix=f"{split}/")
-    tracker.log_figures(step, split, result)
+    tracker.log_figures(step, lambda wandb: task.wandb_figures(wandb, split, result))
     return result

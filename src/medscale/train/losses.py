@@ -91,5 +91,5 @@ def build_loss(cfg: TrainConfig, manifest: dict[str, Any], split: str = "train")
     weights = pos_weight_from_manifest(manifest, split) if cfg.auto_pos_weight else cfg.pos_weight
     if weights:
         log.info("BCE positive weights per class: %s", [round(w, 3) for w in weights])
-    return ClassificationLoss(cfg.task, label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma,
+    return ClassificationLoss(cfg.label_kind, label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma,
                               pos_weight=torch.tensor(weights, dtype=torch.float32) if weights else None)

@@ -27,12 +27,12 @@ from types import FrameType
 from typing import Any, Callable, NamedTuple
 
 from medscale.files import atomic_write
+from medscale.signals import STOP_SIGNALS
 
-__all__ = ["STOP_SIGNALS", "EXIT_REQUEUE", "StopRequest", "Decision", "relay_signals", "STOPPED_FILE"]
+__all__ = ["EXIT_REQUEUE", "StopRequest", "Decision", "relay_signals", "STOPPED_FILE"]
 
 log = logging.getLogger("medscale.train")
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL (sysexits.h): a temporary stop, run the same command again
 STOPPED_FILE = "stopped.json"
 """Written by rank 0 in the run directory when a signal stopped the run (removed when a run starts):

@@ -14,13 +14,13 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from medscale.config import LoggingConfig
 from medscale.errors import InputError
 from medscale.files import atomic_write
 
-__all__ = ["Tracker", "WANDB_ID_FILE", "METRICS_FILE"]
+__all__ = ["Tracker", "WANDB_ID_FILE", "METRICS_FILE", "read_metrics"]
 
 log = logging.getLogger("medscale")
 
@@ -206,76 +206,19 @@ class Tracker:
             except Exception as e:  # noqa: BLE001 - losing W&B must not stop a run; metrics.jsonl has it all
                 self._wandb_failed(e)
 
-    def log_figures(self, step: int, split: str, result: dict[str, Any]) -> None:
-        """W&B only: an evaluation's curves and samples as charts and tables under ``<split>/``.
-
-        Per class ROC and precision-recall curves (medscale's own points, at most a few hundred per
-        curve: W&B's built-in ROC plot is multi-class only and subsamples to 10k rows), the confusion
-        matrix at the operating point, the reliability (calibration) curve, and a table of sample
-        images with label, prediction and probability. metrics.jsonl keeps the scalars; the report
-        (`medscale report`) draws the same figures from eval.json. An MAE evaluation logs its
-        reconstructions (original | masked | reconstruction) under ``<split>/reconstructions``.
-        """
+    def log_figures(self, step: int, figures: Callable[[Any], dict[str, Any]]) -> None:
+        """W&B only: log what ``figures(wandb)`` builds (an evaluation's charts, tables and images, which
+        its objective draws: `medscale.tasks.base.Task.wandb_figures`). metrics.jsonl keeps the
+        scalars; the report (`medscale report`) draws the same results from eval.json. Without a W&B
+        run, `figures` is never called and wandb is never imported."""
         if not self.is_main or self._run is None or step <= self._wandb_floor:
             return
-        curves, samples = result.get("curves"), result.get("samples")
-        if not curves and not samples:
-            return
-        if result.get("objective") == "mae":
-            self._log_reconstructions(step, split, result)
-            return
         try:
             import wandb
 
-            out: dict[str, Any] = {}
-            if curves:
-                for kind, x, y in (("roc", "fpr", "tpr"), ("pr", "recall", "precision")):
-                    rows = [[name, a, b] for name, c in curves["per_class"].items()
-                            for a, b in zip(c[kind][x], c[kind][y])]
-                    if rows:
-                        table = wandb.Table(columns=["class", x, y], data=rows)
-                        out[f"{split}/{kind}_curve"] = wandb.plot.line(table, x, y, stroke="class",
-                                                                       title=f"{split} {kind.upper()} per class")
-                conf = curves.get("confusion")
-                if conf:
-                    labels = conf["labels"]
-                    out[f"{split}/confusion_matrix"] = wandb.Table(
-                        columns=["true", "predicted", "count"],
-                        data=[[labels[i], labels[j], int(n)] for i, row in enumerate(conf["matrix"])
-                              for j, n in enumerate(row)])
-                else:  # multi-label: one 2x2 table per finding
-                    out[f"{split}/confusion_matrix"] = wandb.Table(
-                        columns=["finding", "tn", "fp", "fn", "tp"],
-                        data=[[name, *map(int, sum(c["confusion"], []))] for name, c in curves["per_class"].items()])
-                cal = curves.get("calibration") or {}
-                if cal.get("confidence"):
-                    table = wandb.Table(columns=["confidence", "accuracy", "count"],
-                                        data=[list(r) for r in zip(cal["confidence"], cal["accuracy"], cal["count"])])
-                    out[f"{split}/calibration"] = wandb.plot.line(table, "confidence", "accuracy",
-                                                                  title=f"{split} reliability")
-            if samples:
-                out[f"{split}/samples"] = wandb.Table(
-                    columns=["image", "label", "prediction", "probability"],
-                    data=[[wandb.Image(x["image"]), x["label"], x["pred"], float(x["prob"])] for x in samples])
-                # The same images as a captioned media panel: offline, a table's images live only in its
-                # artifact until `wandb sync`; these are written as PNG files into the run folder at once.
-                out[f"{split}/sample_images"] = [
-                    wandb.Image(x["image"], caption=f"{x['label']} -> {x['pred']} ({float(x['prob']):.2f})")
-                    for x in samples]
-            self._run.log(out, step=step)
-        except Exception as e:  # noqa: BLE001 - as in log
-            self._wandb_failed(e)
-
-    def _log_reconstructions(self, step: int, split: str, result: dict[str, Any]) -> None:
-        """An MAE evaluation's strips (original | masked | reconstruction) as a captioned media panel."""
-        try:
-            import wandb
-
-            ratio = result.get("mask_ratio")
-            masked = f"masked {ratio:.0%}" if isinstance(ratio, float) else "masked"
-            self._run.log({f"{split}/reconstructions": [
-                wandb.Image(x["image"], caption=f"original | {masked} | reconstruction, loss {float(x['prob']):.4f}")
-                for x in result["samples"]]}, step=step)
+            out = figures(wandb)
+            if out:
+                self._run.log(out, step=step)
         except Exception as e:  # noqa: BLE001 - as in log
             self._wandb_failed(e)
 
@@ -402,3 +345,19 @@ def _row_time(line: str) -> float:
         return float(json.loads(line)["time"])
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The rows of ``RUN_DIR/metrics.jsonl`` so far, and how many lines are not JSON (a line being
+    written, or torn by a kill); none when the file is not there."""
+    path = Path(run_dir) / METRICS_FILE
+    rows, bad = [], 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    return rows, bad
