@@ -10,12 +10,13 @@ EXTRAS ?= dev,dicom,ocr,export
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench clean help
+.PHONY: venv demo test test-fast bench docs clean help
 
 help:
 	@echo "make demo   - synthetic CT -> prep -> DeepSpeed ZeRO-2 training on 2 ranks -> eval ($(DEMO_OUT)/)"
 	@echo "make test   - all tests (unit + multi-process DeepSpeed integration)"
 	@echo "make bench  - every benchmark in bench/ (last line of each is JSON)"
+	@echo "make docs   - the documentation site from docs/ (site/)"
 	@echo "make venv   - create or update $(VENV) only"
 
 $(VENV)/.installed: pyproject.toml
@@ -37,8 +38,13 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m "not integration and not slow" $(PYTEST_ARGS)
 
+# The comparisons need their rivals: MONAI comes with the bench extra (never a runtime dependency).
 bench: $(VENV)/.installed
+	$(BIN)/python -c "import monai" 2>/dev/null || $(BIN)/pip install -q -e ".[$(EXTRAS),bench]"
 	@set -e; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
 
+docs: $(VENV)/.installed
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache build *.egg-info
+	rm -rf $(DEMO_OUT) .pytest_cache build *.egg-info site
