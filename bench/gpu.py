@@ -622,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from medscale.config import ModelConfig
     from medscale.dist import init_distributed, shutdown
-    from medscale.train.throughput import device_peak_tflops, flops_per_sample
+    from medscale.models.flops import flops_per_sample
+    from medscale.train.throughput import device_peak_tflops
 
     cuda = torch.cuda.is_available()
     if not (cuda or args.smoke or args.plan_only):

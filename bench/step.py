@@ -65,7 +65,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     engine = build_engine(create_model(cfg.model, img_size=a.img, in_chans=3), cfg, dist.world, ds_config)
-    task = build_task(cfg, {"task": cfg.train.task, "classes": [str(c) for c in range(cfg.model.num_classes)]})
+    task = build_task(cfg, {"task": cfg.train.label_kind, "classes": [str(c) for c in range(cfg.model.num_classes)]})
     guard = NumericsGuard(engine, cfg.train, dist.world)
     meter = Throughput(a.batch, None, None, dist.world)
 

@@ -137,7 +137,7 @@ def _reference(precision_name: str, accum: int) -> dict:
     """Plain PyTorch, one process, the whole global batch: losses, EMA, logits with EMA weights."""
     import torch
 
-    from medscale.train.losses import build_loss
+    from medscale.tasks.losses import build_loss
     from medscale.train.optim import build_optimizer, lr_factor
 
     cfg = _run_cfg("fp32", 1, accum)

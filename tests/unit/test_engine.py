@@ -167,7 +167,7 @@ def test_warmup_then_cosine_per_step():
 
 
 def test_cross_entropy_with_smoothing_ignores_invalid_samples():
-    from medscale.train.losses import ClassificationLoss
+    from medscale.tasks.losses import ClassificationLoss
 
     logits, target = torch.randn(6, 3), torch.tensor([0, 2, 1, 1, 0, 2])
     valid = torch.tensor([True, True, False, True, True, False])
@@ -180,7 +180,7 @@ def test_cross_entropy_with_smoothing_ignores_invalid_samples():
 
 def test_bce_pos_weight_and_focal():
     from medscale.config import TrainConfig
-    from medscale.train.losses import ClassificationLoss, build_loss, pos_weight_from_manifest
+    from medscale.tasks.losses import ClassificationLoss, build_loss, pos_weight_from_manifest
 
     logits, target = torch.randn(5, 4), torch.randint(0, 2, (5, 4)).float()
     pw = torch.tensor([1.0, 3.0, 0.5, 10.0])

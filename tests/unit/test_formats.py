@@ -27,7 +27,7 @@ from medscale.formats.manifest import MANIFEST_VERSION, has_labels, load_manifes
 from medscale.formats.sample import decode_members, encode_sample
 from medscale.formats.tar import INDEX_SUFFIX, INDEX_VERSION, ShardSequence, read_index, scan_tar
 from medscale.prep.deid import Pseudonymizer
-from medscale.train.losses import pos_weight_from_manifest
+from medscale.tasks.losses import pos_weight_from_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 DEMO = ROOT / "data_prep" / "demo.yaml"

@@ -1,6 +1,6 @@
 """The package's shape: no import circle (imports inside functions included), layers that import
-downwards only (prep and the shard format need no torch), and no objective asked for by name outside
-``medscale.tasks``."""
+downwards only (docs/architecture.md's table; prep and the shard format need no torch), and no
+objective asked for by name outside ``medscale.tasks``."""
 
 from __future__ import annotations
 
@@ -114,6 +114,43 @@ def test_a_planted_circle_is_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     tree = ast.parse("def f():\n    from medscale.dist import barrier\n")
     assert any(isinstance(n, ast.ImportFrom) for n in ast.walk(tree))
+
+
+# docs/architecture.md's layers, bottom up: a module imports only from its own layer or those below.
+LAYERS = [
+    ["medscale.errors", "medscale.files", "medscale.signals", "medscale.leash", "medscale.logs", "medscale.resources",
+     "medscale.tasks.registry", "medscale.testing"],
+    ["medscale.config", "medscale.formats"],
+    ["medscale.prep", "medscale.dist", "medscale.models", "medscale.data"],
+    ["medscale.eval", "medscale.checkpoint", "medscale.report.console", "medscale.report.figures",
+     "medscale.report.tables", "medscale.synthetic"],
+    ["medscale.tasks"],
+    ["medscale.train"],
+    ["medscale.commands", "medscale.cli", "medscale.demo", "medscale.report.html"],
+]
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of the longest prefix of `module` that the table names (packages and their __init__: None)."""
+    best, found = "", None
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > len(best):
+                best, found = name, i
+    return found
+
+
+def test_layers_import_downwards_only():
+    graph = import_graph()
+    unplaced = [m for m in graph if layer_of(m) is None and not m.endswith("__init__") and m not in
+                ("medscale", "medscale.tasks", "medscale.report", "medscale.testing")]
+    assert unplaced == [], f"modules docs/architecture.md places in no layer: {unplaced}"
+    # A package's __init__ runs on the way to its modules: it is checked as an importer, not as a target.
+    packages = {m for m, p in MODULES.items() if p.name == "__init__.py"}
+    upward = [f"{src} ({layer_of(src)}) imports {dst} ({layer_of(dst)})" for src, dsts in graph.items()
+              for dst in dsts - packages if layer_of(src) is not None and layer_of(dst) is not None
+              and layer_of(dst) > layer_of(src)]
+    assert upward == []
 
 
 @pytest.mark.parametrize("module", ["medscale.prep.pipeline", "medscale.formats.manifest", "medscale.formats.tar",

@@ -11,7 +11,8 @@ from medscale.config import ModelConfig
 
 
 def test_flops_and_mfu():
-    from medscale.train.throughput import Throughput, device_peak_tflops, flops_per_sample
+    from medscale.models.flops import flops_per_sample
+    from medscale.train.throughput import Throughput, device_peak_tflops
 
     from medscale.config import ModelConfig
 
@@ -66,7 +67,7 @@ def vit_flops(model: nn.Module) -> int:
 ])
 def test_flops_of_timm_vits_match_the_analytic_count(name, img_size, in_chans, patch_size):
     from medscale.models import create_model
-    from medscale.train.throughput import flops_per_sample
+    from medscale.models.flops import flops_per_sample
 
     cfg = ModelConfig(name=name, num_classes=2, patch_size=patch_size)
     flops = flops_per_sample(cfg, in_chans=in_chans, img_size=img_size)
@@ -78,7 +79,7 @@ def test_flops_of_timm_vits_match_the_analytic_count(name, img_size, in_chans, p
 
 def test_flops_are_counted_under_the_callers_no_grad():
     """A view of a parameter made under no_grad (test_vit3's attention-pool latent) used to stop the count."""
-    from medscale.train.throughput import flops_per_sample
+    from medscale.models.flops import flops_per_sample
 
     cfg = ModelConfig(name="test_vit3", num_classes=2, patch_size=8)
     with torch.no_grad():

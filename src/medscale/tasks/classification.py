@@ -48,7 +48,7 @@ class ClassificationTask(TaskBase):
     needs_labels: ClassVar[bool] = True
 
     def __init__(self, cfg: RunConfig, manifest: dict[str, Any]):
-        from medscale.train.losses import build_loss
+        from medscale.tasks.losses import build_loss
 
         super().__init__(cfg, manifest)
         shards = cfg.data.shards
@@ -85,7 +85,7 @@ class ClassificationTask(TaskBase):
         return result
 
     def flops_per_sample(self) -> float | None:
-        from medscale.train.throughput import flops_per_sample
+        from medscale.models.flops import flops_per_sample
 
         return flops_per_sample(self.cfg.model, in_chans=self.cfg.data.channels, img_size=self.cfg.data.image_size)
 

@@ -115,7 +115,7 @@ class MaeTask(TaskBase):
         # The encoder sees only the visible patches, the decoder all of them: counted on this model,
         # not the full-image classifier (which would overstate MFU about fourfold at mask 0.75).
         from medscale.models import create_mae_model
-        from medscale.train.throughput import forward_flops
+        from medscale.models.flops import forward_flops
 
         c, s = self.cfg.data.channels, self.cfg.data.image_size
         return forward_flops(lambda m: create_mae_model(m, self.mae, img_size=s, in_chans=c), self.cfg.model,

@@ -2,5 +2,5 @@
 throughput, tracking, stop signals (`preemption`), the local launch (`launch`) and one writer per run
 directory (`runlock`). What the model learns is the objective's business (`medscale.tasks`).
 
-Nothing is imported here, so ``import medscale.train.losses`` does not pull in DeepSpeed.
+Nothing is imported here, so ``import medscale.train.tracking`` does not pull in DeepSpeed.
 """

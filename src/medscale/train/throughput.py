@@ -1,7 +1,7 @@
 """Throughput figures for the log: samples/s, model FLOPs utilisation, data wait, peak memory.
 
-Model FLOPs per sample are counted once, on one forward pass of the model built on the meta device
-(``torch.utils.flop_counter``: shapes only), and tripled for forward + backward. Recomputation under
+Model FLOPs per sample are counted once by the objective (`medscale.models.flops`: one forward pass
+of the model built on the meta device, shapes only), and tripled here for forward + backward. Recomputation under
 gradient checkpointing is not counted: MFU measures useful model work, as in the PaLM paper.
 The peak of a device comes from ``train.peak_tflops`` or a table of dense bf16/fp16 tensor-core
 peaks (fp32 training uses the TF32 peak). On CPUs and unknown devices MFU is None, not a guess.
@@ -9,17 +9,14 @@ peaks (fp32 training uses the TF32 peak). On CPUs and unknown devices MFU is Non
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import resource
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
-from medscale.config import ModelConfig
-
-__all__ = ["FWD_BWD_FLOPS", "flops_per_sample", "forward_flops", "device_peak_tflops", "Throughput"]
+__all__ = ["FWD_BWD_FLOPS", "device_peak_tflops", "Throughput"]
 
 log = logging.getLogger("medscale.train.throughput")
 
@@ -50,45 +47,6 @@ _PEAKS: list[tuple[str, float, float]] = [
     ("A6000", 155.0, 77.4),
     ("V100", 125.0, 15.7),  # fp16 only; fp32 without tensor cores
 ]
-
-
-def flops_per_sample(cfg: ModelConfig, *, in_chans: int, img_size: int) -> float | None:
-    """Forward FLOPs of one sample of the classifier `cfg` names (multiply-add = 2 FLOPs), or None
-    if counting fails."""
-    from medscale.models import create_model
-
-    return forward_flops(lambda c: create_model(c, img_size=img_size, in_chans=in_chans), cfg,
-                         lambda: (torch.zeros(1, in_chans, img_size, img_size),))
-
-
-def forward_flops(build: Callable[[ModelConfig], torch.nn.Module], cfg: ModelConfig,
-                  inputs: Callable[[], tuple[torch.Tensor, ...]]) -> float | None:
-    """Forward FLOPs of ``build(cfg)(*inputs())`` for one sample, or None if counting fails.
-
-    The model is built on the meta device: shapes only, no memory and no arithmetic. Objectives
-    whose model is not the classifier (MAE: the encoder sees a quarter of the patches) count theirs.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    try:
-        with torch.device("meta"):
-            model = build(dataclasses.replace(cfg, weights="", grad_checkpointing=False)).eval()
-            x = inputs()
-        # Parameters must not require grad, and `torch.no_grad()` alone is not enough: FlopCounterMode
-        # attributes FLOPs to modules with a ModuleTracker, whose forward hooks register a backward hook
-        # on every module input that requires grad and so need its grad_fn or grad accumulator. A view of
-        # a parameter made under no_grad still requires grad but has neither (torch.autograd.graph raises
-        # "Expected gradient function to be set"). timm's attention-pool head (global_pool="map", e.g.
-        # test_vit3) feeds such a view, `self.latent.expand(B, -1, -1)`, into its `q` Linear. With no
-        # tensor requiring grad the tracker registers nothing, whatever the caller's grad mode.
-        model.requires_grad_(False)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(*x)
-        return float(counter.get_total_flops())
-    except Exception as e:  # noqa: BLE001 - a model the counter cannot trace only loses the MFU figure
-        log.warning("could not count model FLOPs (%s: %s); MFU will not be reported", type(e).__name__, e)
-        return None
 
 
 def device_peak_tflops(precision: str, configured: float = 0.0) -> float | None:

@@ -18,7 +18,7 @@ from medscale.config import ConfigError, TrainConfig
 
 __all__ = ["ClassificationLoss", "build_loss", "pos_weight_from_manifest"]
 
-log = logging.getLogger("medscale.train.losses")
+log = logging.getLogger("medscale.tasks.losses")
 
 
 class ClassificationLoss(nn.Module):
