@@ -131,8 +131,10 @@ def test_zero3_bf16_ema_export_encoder_then_fine_tune(tmp_path, shards):
     cmd = [sys.executable, "-m", "medscale.cli", "export", str(pre), "--out"]
     r = subprocess.run([*cmd, str(enc)], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--encoder-only" in r.stderr, r.stderr[-2000:]  # an MAE run exports its encoder
-    for out, extra in ((enc, []), (tmp_path / "encoder_ckpt", ["--checkpoint", "latest", "--no-ema"])):
-        r = subprocess.run([*cmd, str(out), "--encoder-only", *extra], cwd=ROOT, env=subprocess_env(),
+    # --encoder-only is --part encoder (the objective's part): both spellings, for real
+    for out, extra in ((enc, ["--encoder-only"]), (tmp_path / "encoder_ckpt", ["--part", "encoder", "--checkpoint",
+                                                                              "latest", "--no-ema"])):
+        r = subprocess.run([*cmd, str(out), *extra], cwd=ROOT, env=subprocess_env(),
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-3000:]
     from safetensors.torch import load_file

@@ -292,3 +292,11 @@ def test_names_read_from_an_export_or_a_run_never_reach_a_hub_or_a_path(run, tmp
     (run / "checkpoints" / "latest").write_text("../../elsewhere")
     with pytest.raises(InputError, match="checkpoints/latest names '../../elsewhere'.*is refused"):
         export_run(run, tmp_path / "x", checkpoint="latest")
+
+
+def test_a_classifier_has_no_part_to_export_alone(run, tmp_path):
+    """`--part` names a part of the model that the run's objective exports on its own; a classifier has none."""
+    with pytest.raises(InputError, match="exports its whole model; it has no part 'encoder'"):
+        export_run(run, tmp_path / "e", part="encoder")
+    assert main(["export", str(run), "--out", str(tmp_path / "e"), "--part", "encoder"]) == 2
+    assert not (tmp_path / "e").exists()

@@ -93,3 +93,25 @@ def test_a_launched_rank_adopts_its_launchers_lock_and_nobody_elses(tmp_path):
     lock.release()
     with pytest.raises(RunLocked, match="does not name the process that launched this rank"):
         RunLock(run).adopt(line)  # the launcher's lock is gone
+
+
+def test_only_a_job_id_reaches_squeue(tmp_path, monkeypatch, caplog):
+    """The holder's Slurm job is read from the lock file: it reaches `squeue` only as a job id."""
+    calls = tmp_path / "squeue_calls"
+    squeue = tmp_path / "bin" / "squeue"
+    squeue.parent.mkdir()
+    squeue.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')  # prints no state: the job is not running
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{squeue.parent}:/usr/bin:/bin")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).write_text(Holder("node-b", 4242, time.time(), "77", slurm_job="1;touch pwned").line())
+    with pytest.raises(RunLocked, match="cannot tell whether it still runs"):
+        RunLock(run).acquire()
+    assert not calls.exists() and not (tmp_path / "pwned").exists()  # never asked: not a job id
+    (run / LOCK_FILE).write_text(Holder("node-b", 4242, time.time(), "77", slurm_job="9001").line())
+    with caplog.at_level(logging.WARNING, logger="medscale.train"):
+        RunLock(run).acquire().release()
+    assert calls.read_text().split() == ["--noheader", "--jobs", "9001", "--format", "%T"]
+    assert "Slurm job 9001 is no longer running" in caplog.text
