@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="SIGUSR1, SIGUSR2, SIGTERM or SIGINT stop the run cleanly: all ranks save one checkpoint "
                         "at the next step, RUN_DIR/stopped.json says where, and the exit code is 75 (EX_TEMPFAIL: run "
                         "the same command again to continue). Exit codes: 0 done, 75 stopped by a signal, 2 a "
-                        "configuration or input error, 1 anything else. See the README for signals under each "
+                        "configuration or input error, 1 anything else. See docs/training.md for signals under each "
                         "launcher.")
     pt.add_argument("--config", required=True, help="run config YAML, or a packaged one such as configs/demo.yaml")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")

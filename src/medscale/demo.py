@@ -158,7 +158,7 @@ def run_demo(out: Path, config: str | None = None, overrides: Sequence[str] = ()
     t = time.perf_counter()
     key_file = out / "pseudonym.key"
     # The corpus is synthetic, so a fixed key keeps the demo's patient split (and its figures)
-    # reproducible. A real corpus needs a secret key: see README, "Privacy and leakage".
+    # reproducible. A real corpus needs a secret key: see docs/prep.md, "Privacy and leakage".
     key_file.write_text(hashlib.sha256(b"medscale demo: synthetic data only").hexdigest())
     key_file.chmod(0o600)
     prepare_output(out / "shards", resume=False, overwrite=True)

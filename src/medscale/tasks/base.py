@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Union
 
+from medscale.errors import InputError
 from medscale.tasks.registry import task_class
 
 if TYPE_CHECKING:  # types only
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # types only
     from medscale.data.loader import ShardStream
 
 __all__ = ["Task", "TaskBase", "Figure", "ExportView", "build_task"]
+
 
 @dataclass(frozen=True)
 class Figure:
@@ -53,7 +55,7 @@ class ExportView:
     state: dict[str, Any]
     """The tensors, under the names the exported model has."""
     spec: dict[str, Any]
-    """The timm call that rebuilds it (`medscale.checkpoint.export.timm_spec`)."""
+    """The timm call that rebuilds it (`medscale.models.factory.timm_spec`)."""
     metadata: dict[str, str]
     """Extra safetensors metadata."""
     part: str = "model"
@@ -151,7 +153,6 @@ class TaskBase:
 
     @classmethod
     def export_view(cls, state: dict[str, Any], record: Mapping[str, Any], part: str | None) -> ExportView:
-        from medscale.errors import InputError
         from medscale.models.factory import timm_spec
 
         if part not in (None, "model"):

@@ -12,7 +12,7 @@ without ``B:`` does) reaches them directly. ``medscale train dist.nproc=N`` star
 launcher in a process group of its own with USR1/USR2 ignored (so the launchers survive them)
 and relays any of the four signals to the ranks as SIGUSR1 (`relay_signals`). The deepspeed
 launcher forwards only TERM and INT itself, torchrun forwards USR1/USR2 only when
-``TORCHELASTIC_SIGNALS_TO_HANDLE`` lists them; see the README.
+``TORCHELASTIC_SIGNALS_TO_HANDLE`` lists them; see docs/training.md.
 """
 
 from __future__ import annotations
